@@ -1,0 +1,235 @@
+"""The perturbation math against hand-derived values and the reference definitions."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zsharp_algos import SAM, ZSharp
+from zsharp_algos.directions import GradientDirection, ZScoreDirection, linear_rank
+from zsharp_algos.order_stats import GLOBAL, select
+
+from reference import (
+    sam_perturbation,
+    zsharp_global_masks,
+    zsharp_global_perturbation,
+    zsharp_tensor_perturbation,
+)
+
+
+def perturbation_of(opt_cls, params_data, grads, **kw):
+    """Run first_step on parameters holding ``params_data`` with ``grads``; return the
+    perturbation e (left in .grad by first_step(zero_grad=False)), checking w' = w + e."""
+    params = [torch.nn.Parameter(d.clone()) for d in params_data]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = opt_cls(params, torch.optim.SGD, lr=0.1, **kw)
+    opt.first_step(zero_grad=False)
+    e = [p.grad.clone() for p in params]
+    for p, d, ei in zip(params, params_data, e):
+        assert torch.equal(p.detach(), d + ei)
+    return e, opt, params
+
+
+def random_grads(seed, shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) * (1 + i) + i * 0.1 for i, s in enumerate(shapes)]
+
+
+SHAPES = [(8, 5), (5,), (1,), (3, 4, 2, 2), (4,), (16, 3)]
+
+
+# ------------------------------------------------------------------ hand-derived
+def test_sam_hand_derived():
+    # g = (3, 4) -> ||g|| = 5 -> e = rho * g / 5
+    e, _, _ = perturbation_of(SAM, [torch.zeros(2)], [torch.tensor([3.0, 4.0])], rho=0.5)
+    torch.testing.assert_close(e[0], torch.tensor([0.3, 0.4]))
+
+
+def test_asam_hand_derived():
+    # w = (2, 1), g = (1, 2): T g = (2, 2), ||T g|| = 2 sqrt 2; e = rho * (4*1, 1*2) / (2 sqrt 2)
+    w = torch.tensor([2.0, 1.0])
+    e, _, _ = perturbation_of(SAM, [w], [torch.tensor([1.0, 2.0])], rho=1.0, adaptive=True)
+    torch.testing.assert_close(e[0], torch.tensor([4.0, 2.0]) / (2 * math.sqrt(2)))
+
+
+def test_zsharp_global_hand_derived():
+    # g = (0, 0, 0, 10): mean 2.5, unbiased std 5 -> |z| = (.5, .5, .5, 1.5); 70th percentile at
+    # rank 0.7 * 3 = 2.1 -> .5 + .1 * (1.5 - .5) = .6; only the 10 survives -> e = rho * (0,0,0,1)
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(4)], [torch.tensor([0.0, 0.0, 0.0, 10.0])], rho=0.2)
+    torch.testing.assert_close(e[0], torch.tensor([0.0, 0.0, 0.0, 0.2]))
+
+
+def test_zsharp_global_fallback_hand_derived():
+    # a = (0, 0, 0, 10): |z| = (.5, .5, .5, 1.5). b = (1, 2, 3, 4, 6): mean 3.2, std 1.924,
+    # |z| = (1.143, .624, .104, .416, 1.455). The 90th percentile of all nine |z| sits at rank
+    # 7.2: 1.455 + .2 * (1.5 - 1.455) = 1.464, so a keeps its 10 and b keeps nothing -> b keeps
+    # its top max(1, floor(0.2 * 5)) = 1 entry, the 6. One global norm: sqrt(10^2 + 6^2).
+    a, b = torch.tensor([0.0, 0.0, 0.0, 10.0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(4), torch.zeros(5)], [a, b], rho=1.0, percentile=90)
+    norm = math.sqrt(10.0**2 + 6.0**2)
+    torch.testing.assert_close(e[0], torch.tensor([0.0, 0.0, 0.0, 10.0 / norm]))
+    torch.testing.assert_close(e[1], torch.tensor([0.0, 0.0, 0.0, 0.0, 6.0 / norm]))
+
+
+def test_zsharp_tensor_hand_derived():
+    # W (2x3) = (0,0,0,0,0,6): |z| = (.41,)*5 + 2.04; 95th pct lies between them: keep the 6,
+    # normalised alone -> rho * e_6. Bias b = (3, 4) is not filtered: SAM scaling with the raw
+    # global norm sqrt(36 + 9 + 16) = sqrt(61).
+    W, b = torch.tensor([[0.0, 0, 0], [0, 0, 6]]), torch.tensor([3.0, 4.0])
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(2, 3), torch.zeros(2)], [W, b], rho=0.1, percentile=95, scope="tensor")
+    torch.testing.assert_close(e[0], torch.tensor([[0.0, 0, 0], [0, 0, 0.1]]))
+    torch.testing.assert_close(e[1], 0.1 * b / math.sqrt(61.0))
+
+
+# ------------------------------------------------------------------ reference definitions
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_matches_reference(seed, adaptive):
+    grads = random_grads(seed, SHAPES)
+    weights = random_grads(seed + 100, SHAPES)
+    e, _, _ = perturbation_of(SAM, weights, grads, rho=0.05, adaptive=adaptive)
+    for got, want in zip(e, sam_perturbation(weights, grads, 0.05, adaptive=adaptive)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("percentile", [70, 95, 33.3])
+def test_zsharp_global_matches_reference(seed, percentile):
+    grads = random_grads(seed, SHAPES)
+    if seed % 2:  # ties and a tensor that keeps nothing
+        grads[4] = torch.tensor([1.0, 1.0, 2.0, 2.0])
+        grads[0][:4] = 0.0
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, percentile=percentile)
+    want = zsharp_global_perturbation(grads, 0.05, percentile)
+    for got, ref, mask in zip(e, want, zsharp_global_masks(grads, percentile)):
+        assert torch.equal(got != 0, mask & (ref != 0)), "kept entries differ from the reference"
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("percentile", [95, 70])
+def test_zsharp_tensor_matches_reference(seed, percentile):
+    grads = random_grads(seed, SHAPES)
+    if seed % 2:  # filtered gradient exactly zero: fall back to the raw gradient
+        grads[0] = torch.full((8, 5), 3.0)
+        grads[0][0, 0] = 0.0
+    e, _, _ = perturbation_of(
+        ZSharp, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, percentile=percentile, scope="tensor"
+    )
+    for got, ref in zip(e, zsharp_tensor_perturbation(grads, 0.05, percentile)):
+        assert torch.equal(got != 0, ref != 0)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_zsharp_tensor_total_norm_grows_with_filtered_tensors():
+    grads = random_grads(0, [(10, 10)] * 4)
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(10, 10)] * 4, grads, rho=0.1, percentile=95, scope="tensor")
+    norm = torch.stack([x.norm() for x in e]).norm()
+    torch.testing.assert_close(norm, torch.tensor(0.1 * 2.0))  # rho * sqrt(4 tensors)
+
+
+def test_chunked_path_matches_reference(monkeypatch):
+    """Tensors larger than one chunk go through the streaming path: same result."""
+    import zsharp_algos.order_stats as os_mod
+
+    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device: 7)
+    grads = random_grads(3, SHAPES)
+    for scope, ref in [("global", zsharp_global_perturbation(grads, 0.05, 70)), ("tensor", zsharp_tensor_perturbation(grads, 0.05, 70))]:
+        e, _, _ = perturbation_of(ZSharp, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, percentile=70, scope=scope)
+        for got, want in zip(e, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    weights = random_grads(4, SHAPES)
+    e, _, _ = perturbation_of(SAM, weights, grads, rho=0.05, adaptive=True)
+    for got, want in zip(e, sam_perturbation(weights, grads, 0.05, adaptive=True)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ order statistics
+def test_select_matches_sort_with_ties_zeros_and_chunks(monkeypatch):
+    import zsharp_algos.order_stats as os_mod
+
+    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device: 64)
+    gen = torch.Generator().manual_seed(0)
+    segs = [torch.rand(1000, generator=gen), torch.zeros(3), torch.randint(0, 4, (517,), generator=gen).float(),
+            torch.tensor([1e-30, 3e38, 0.5])]
+    everything = torch.cat(segs).sort().values
+    queries = [(GLOBAL, 0), (GLOBAL, 1522), (GLOBAL, 700), (0, 999), (1, 1), (2, 300), (3, 0), (3, 2)]
+    got = select([len(s) for s in segs], lambda s, start, n, out: out.copy_(segs[s][start:start + n]), queries,
+                 torch.device("cpu"))
+    want = torch.stack([everything[r] if s == GLOBAL else segs[s].sort().values[r] for s, r in queries])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("q", [0.7, 0.95, 0.5, 0.01, 0.999])
+def test_linear_rank_matches_torch_quantile(q):
+    gen = torch.Generator().manual_seed(1)
+    for n in [1, 2, 3, 10, 11, 101, 4097]:
+        x = torch.rand(n, generator=gen)
+        lo, hi, w = linear_rank(q, n)
+        s = x.sort().values
+        assert torch.equal(torch.lerp(s[lo], s[hi], w) if w else s[lo], torch.quantile(x, q)), (n, q)
+
+
+def test_threshold_beyond_torch_quantile_limit():
+    """22M entries in one tensor: torch.quantile refuses (> 2^24); we compute the exact order
+    statistic, checked against kthvalue."""
+    n = 22_000_000
+    g = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        torch.quantile(g.abs(), 0.7)
+    from zsharp_algos.directions import _ZScores
+
+    z = _ZScores([g])
+    lo, hi, w = linear_rank(0.7, n)
+    got = select([n], z.fill, [(GLOBAL, lo), (GLOBAL, hi)], torch.device("cpu"))
+    absz = ((g - g.mean()) / (g.std() + 1e-8)).abs()
+    assert got[0] == torch.kthvalue(absz, lo + 1).values and got[1] == torch.kthvalue(absz, hi + 1).values
+
+
+# ------------------------------------------------------------------ dtypes and edge cases
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_low_precision_gradients_use_float32_statistics(dtype, scope):
+    grads = [g.to(dtype) for g in random_grads(2, SHAPES)]
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(s, dtype=dtype) for s in SHAPES], grads, rho=0.05, scope=scope)
+    ref_fn = zsharp_global_perturbation if scope == "global" else zsharp_tensor_perturbation
+    want = ref_fn([g.float() for g in grads], 0.05, 70 if scope == "global" else 70)
+    for got, ref in zip(e, want):
+        assert got.dtype == dtype
+        assert torch.equal(got != 0, ref != 0)
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [lambda: SAM, lambda: ZSharp, lambda: (lambda *a, **k: ZSharp(*a, scope="tensor", **k))])
+def test_zero_gradient_gives_zero_perturbation(make):
+    e, _, _ = perturbation_of(make(), [torch.ones(3, 2), torch.ones(4)], [torch.zeros(3, 2), torch.zeros(4)], rho=0.05)
+    for x in e:
+        assert torch.equal(x, torch.zeros_like(x))
+
+
+def test_one_element_tensors():
+    e, _, _ = perturbation_of(ZSharp, [torch.zeros(1), torch.zeros(1)], [torch.tensor([3.0]), torch.tensor([4.0])], rho=1.0)
+    # z = 0 for both; threshold 0; both kept -> plain SAM
+    torch.testing.assert_close(torch.cat(e), torch.tensor([0.6, 0.8]))
+
+
+def test_directions_do_not_sync_with_host(monkeypatch):
+    """No .item(), bool(tensor), float(tensor)... anywhere on the step path."""
+    grads = random_grads(0, SHAPES)
+    opts = [perturbation_of(c, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, **kw)[1]
+            for c, kw in [(SAM, {}), (SAM, {"adaptive": True}), (ZSharp, {}), (ZSharp, {"scope": "tensor", "adaptive": True})]]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync on the optimizer step path")
+
+    for opt in opts:
+        opt.restore()
+        for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads):
+            p.grad = g.clone()
+    for name in ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"]:
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for opt in opts:
+        opt.first_step()
+        opt.second_step()

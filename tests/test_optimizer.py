@@ -1,0 +1,347 @@
+"""The two-pass step: against a hand-written PyTorch loop, interval, resume, restore, BN, errors."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import zsharp_algos
+from zsharp_algos import SAM, ZSharp, create_optimizer, frozen_norm_stats, list_optimizers
+
+from reference import sam_perturbation, sharpness_step, zsharp_global_perturbation, zsharp_tensor_perturbation
+
+
+def make_model(seed=0, bn=True):
+    torch.manual_seed(seed)
+    # No bias before BatchNorm (as in ResNets): its true gradient is 0, so its .grad would be
+    # rounding noise whose z-scores (and ZSharp's mask) depend on the order of float operations.
+    layers = [nn.Linear(6, 16, bias=not bn)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.ReLU(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers)
+
+
+def batches(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 6, generator=gen), torch.randint(0, 3, (12,), generator=gen)) for _ in range(n)]
+
+
+def closure_for(model, opt, x, y, calls=None):
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def flat_state(model):
+    return torch.cat([t.detach().flatten().float() for t in list(model.parameters()) + list(model.buffers())])
+
+
+REFERENCES = {
+    "sam": lambda params, grads: sam_perturbation(params, grads, 0.05),
+    "zsharp": lambda params, grads: zsharp_global_perturbation(grads, 0.05, 70),
+    "zsharp_tensor": lambda params, grads: zsharp_tensor_perturbation(grads, 0.05, 70),
+}
+OURS = {
+    "sam": dict(name="sam"),
+    "zsharp": dict(name="zsharp"),
+    "zsharp_tensor": dict(name="zsharp", scope="tensor"),
+}
+
+
+@pytest.mark.parametrize("which", sorted(REFERENCES))
+@pytest.mark.parametrize("interval", [1, 3])
+def test_training_matches_plain_pytorch_loop(which, interval):
+    """Ten steps with momentum and BatchNorm equal a loop written by hand from the definitions."""
+    ours, ref = make_model(), make_model()
+    kw = dict(OURS[which])
+    opt = create_optimizer(kw.pop("name"), ours.parameters(), base="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                           rho=0.05, interval=interval, model=ours, **kw)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for step, (x, y) in enumerate(batches(10), start=1):
+        opt.step(closure_for(ours, opt, x, y))
+        loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+        if step % interval == 0:
+            sharpness_step(ref, loss_fn, ref_opt, REFERENCES[which])
+        else:
+            ref_opt.zero_grad()
+            loss_fn(ref).backward()
+            ref_opt.step()
+    torch.testing.assert_close(flat_state(ours), flat_state(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_closure_and_manual_steps_are_identical():
+    a, b = make_model(), make_model()
+    opt_a = ZSharp(a.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=a)
+    opt_b = ZSharp(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9))
+    for x, y in batches(4):
+        opt_a.step(closure_for(a, opt_a, x, y))
+        nn.functional.cross_entropy(b(x), y).backward()
+        opt_b.first_step(zero_grad=True)
+        with frozen_norm_stats(b):
+            nn.functional.cross_entropy(b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+    assert torch.equal(flat_state(a), flat_state(b))
+
+
+def test_interval_calls_closure_twice_every_kth_step():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, interval=3)
+    counts = []
+    for x, y in batches(7):
+        calls = []
+        opt.step(closure_for(model, opt, x, y, calls))
+        counts.append(len(calls))
+    assert counts == [1, 1, 2, 1, 1, 2, 1]
+    assert opt.step_count == 7
+
+
+@pytest.mark.parametrize("name", ["sam", "zsharp"])
+def test_resume_is_bitwise(name):
+    """Save after 5 steps (interval 2: mid-phase), load into fresh objects, continue: identical
+    weights, BN buffers and momentum to the uninterrupted run."""
+    data = batches(10)
+
+    def build():
+        model = make_model()
+        opt = create_optimizer(name, model.parameters(), lr=0.1, momentum=0.9, interval=2, model=model)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return model, opt, sched
+
+    def run(model, opt, sched, part):
+        for x, y in part:
+            opt.step(closure_for(model, opt, x, y))
+            sched.step()
+
+    full = build()
+    run(*full, data)
+
+    first = build()
+    run(*first, data[:5])
+    buf = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = build()
+    resumed[0].load_state_dict(ckpt["model"])
+    resumed[1].load_state_dict(ckpt["opt"])
+    resumed[2].load_state_dict(ckpt["sched"])
+    assert resumed[1].step_count == 5
+    run(*resumed, data[5:])
+    assert torch.equal(flat_state(full[0]), flat_state(resumed[0]))
+    for p_full, p_res in zip(full[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(full[1].state[p_full]["momentum_buffer"], resumed[1].state[p_res]["momentum_buffer"])
+
+
+def test_failing_second_pass_restores_weights_exactly():
+    model = make_model()
+    opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+    x, y = batches(1)[0]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the second pass")
+        return closure_for(model, opt, x, y)()
+
+    with pytest.raises(RuntimeError, match="second pass"):
+        opt.step(closure)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    assert opt.step_count == 0 and not opt.state  # the base optimizer never stepped
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+
+
+def test_batchnorm_statistics_count_one_pass():
+    model = make_model()
+    reference = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0, model=model)
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, opt, x, y))
+    reference(x)  # one training-mode forward at the same weights
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(b, b_ref), name
+
+
+def test_without_model_second_pass_updates_batchnorm_twice():
+    """What the utility prevents (so the test above is not vacuous)."""
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0)
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, opt, x, y))
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_lr_scheduler_on_wrapper_and_base():
+    for attach in ("wrapper", "base"):
+        model = make_model(bn=False)
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=1.0)
+        sched = torch.optim.lr_scheduler.StepLR(opt if attach == "wrapper" else opt.base_optimizer, 1, gamma=0.1)
+        x, y = batches(1)[0]
+        opt.step(closure_for(model, opt, x, y))
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+        assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_wrapping_adamw_instance_matches_class_style():
+    a, b = make_model(), make_model()
+    opt_a = ZSharp(torch.optim.AdamW(a.parameters(), lr=1e-2), rho=0.05, model=a)
+    opt_b = ZSharp(b.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, model=b)
+    for x, y in batches(3):
+        opt_a.step(closure_for(a, opt_a, x, y))
+        opt_b.step(closure_for(b, opt_b, x, y))
+    assert torch.equal(flat_state(a), flat_state(b))
+
+
+def test_param_groups_frozen_params_and_no_grads():
+    model = make_model(bn=False)
+    model[0].bias.requires_grad_(False)  # frozen
+    frozen = model[0].bias.detach().clone()
+    opt = ZSharp([{"params": [model[0].weight]}, {"params": model[2].parameters(), "lr": 0.0}], torch.optim.SGD, lr=0.1)
+    head = [p.detach().clone() for p in model[2].parameters()]
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, opt, x, y))
+    assert torch.equal(model[0].bias, frozen)
+    assert all(torch.equal(p, h) for p, h in zip(model[2].parameters(), head))  # lr 0: restored exactly
+    # a step where no parameter has a gradient: nothing moves, nothing fails
+    opt.zero_grad(set_to_none=True)
+    before = flat_state(model)
+    opt.step(lambda: torch.zeros(()))
+    assert torch.equal(flat_state(model), before)
+
+
+def test_mixed_dtypes_bf16_model():
+    model = make_model(bn=False).to(torch.bfloat16)
+    opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    before = flat_state(model)
+    loss = opt.step(lambda: (opt.zero_grad(), nn.functional.cross_entropy(model(x.bfloat16()), y))[1].backward() or torch.ones(()))
+    assert loss is not None and torch.isfinite(flat_state(model)).all() and not torch.equal(flat_state(model), before)
+
+
+def test_bf16_autocast_step():
+    model = make_model()
+    opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    before = flat_state(model)
+    assert torch.isfinite(opt.step(closure))
+    after = flat_state(model)
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_max_grad_norm_clips_the_second_pass_gradient():
+    ours, ref = make_model(bn=False), make_model(bn=False)
+    opt = SAM(ours.parameters(), torch.optim.SGD, lr=0.5, rho=0.05, max_grad_norm=0.01)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    x, y = batches(1)[0]
+    opt.step(closure_for(ours, opt, x, y))
+    loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+
+    class Clipped:
+        def zero_grad(self):
+            ref_opt.zero_grad()
+
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+            ref_opt.step()
+
+    sharpness_step(ref, loss_fn, Clipped(), lambda p, g: sam_perturbation(p, g, 0.05), bn_frozen=False)
+    torch.testing.assert_close(flat_state(ours), flat_state(ref), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=-0.1), "rho"),
+        (dict(interval=0), "interval"),
+        (dict(interval=1.5), "interval"),
+        (dict(eps=-1.0), "eps"),
+        (dict(percentile=0), "percentile"),
+        (dict(percentile=100), "percentile"),
+        (dict(percentile=-5), "percentile"),
+        (dict(percentile=150), "percentile"),
+        (dict(scope="layer"), "scope"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+    ],
+)
+def test_bad_hyperparameters_raise(kwargs, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_bad_construction_raises():
+    model = make_model()
+    with pytest.raises(TypeError, match="base_optimizer"):
+        SAM(model.parameters(), "sgd", lr=0.1)
+    with pytest.raises(TypeError, match="not both"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD)
+    with pytest.raises(TypeError, match="cannot wrap"):
+        SAM(SAM(model.parameters(), torch.optim.SGD, lr=0.1))
+    with pytest.raises(ValueError, match="choose one of"):
+        create_optimizer("zsharpp", model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="choose one of"):
+        create_optimizer("sam", model.parameters(), base="lion", lr=0.1)
+    assert {"sam", "zsharp", "sgd", "adamw"} <= set(list_optimizers())
+
+
+def test_missing_closure_and_sparse_gradients_fail_before_weights_change():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = flat_state(model)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt2 = ZSharp(emb.parameters(), torch.optim.SGD, lr=0.1)
+    emb_before = emb.weight.detach().clone()
+
+    def closure():
+        opt2.zero_grad()
+        loss = emb(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt2.step(closure)
+    assert torch.equal(flat_state(model), before) and torch.equal(emb.weight, emb_before)
+
+
+def test_repr_and_state_dict_are_plain():
+    opt = ZSharp(make_model().parameters(), torch.optim.SGD, lr=0.1, percentile=95, scope="tensor")
+    assert repr(opt) == (
+        "ZSharp(rho=0.05, interval=1, adaptive=False, eps=1e-12, percentile=95.0, scope='tensor', base=SGD)"
+    )
+    extra = opt.state_dict()["sharpness"]
+    assert extra["step_count"] == 0 and extra["direction"] == "zsharp"
+    with pytest.raises(ValueError, match="from a 'zsharp' optimizer"):
+        SAM(make_model().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(opt.state_dict())
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zsharp_algos; heavy = [m for m in ('composer', 'transformers', 'accelerate', 'timm', "
+        "'torchvision', 'sklearn', 'matplotlib') if m in sys.modules]; print(heavy); assert not heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert zsharp_algos.__version__
