@@ -233,3 +233,32 @@ def test_directions_do_not_sync_with_host(monkeypatch):
     for opt in opts:
         opt.first_step()
         opt.second_step()
+
+
+# ------------------------------------------------------------------ CUDA (when a GPU is present)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("kw", [dict(), dict(scope="tensor"), dict(adaptive=True)])
+def test_cuda_matches_cpu_without_syncs(kw):
+    grads = random_grads(5, SHAPES + [(300, 257)])
+    weights = random_grads(6, SHAPES + [(300, 257)])
+    e_cpu, _, _ = perturbation_of(ZSharp, weights, grads, rho=0.05, **kw)
+    params = [torch.nn.Parameter(w.cuda()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g.cuda()
+    opt = ZSharp(params, torch.optim.SGD, lr=0.1, rho=0.05, **kw)
+    opt.first_step(zero_grad=False)  # warm-up: caches the layout's index tensors
+    opt.restore()
+    for p, g in zip(params, grads):
+        p.grad = g.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.first_step(zero_grad=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p, want in zip(params, e_cpu):
+        assert torch.equal(p.grad.cpu() != 0, want != 0)
+        torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-5, atol=1e-8)
