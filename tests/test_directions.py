@@ -134,7 +134,7 @@ def test_chunked_path_matches_reference(monkeypatch):
     """Tensors larger than one chunk go through the streaming path: same result."""
     import zsharp_algos.order_stats as os_mod
 
-    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device: 7)
+    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device, total: 7)
     grads = random_grads(3, SHAPES)
     for scope, ref in [("global", zsharp_global_perturbation(grads, 0.05, 70)), ("tensor", zsharp_tensor_perturbation(grads, 0.05, 70))]:
         e, _, _ = perturbation_of(ZSharp, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, percentile=70, scope=scope)
@@ -150,7 +150,7 @@ def test_chunked_path_matches_reference(monkeypatch):
 def test_select_matches_sort_with_ties_zeros_and_chunks(monkeypatch):
     import zsharp_algos.order_stats as os_mod
 
-    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device: 64)
+    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device, total: 64)
     gen = torch.Generator().manual_seed(0)
     segs = [torch.rand(1000, generator=gen), torch.zeros(3), torch.randint(0, 4, (517,), generator=gen).float(),
             torch.tensor([1e-30, 3e38, 0.5])]

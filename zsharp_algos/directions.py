@@ -88,14 +88,14 @@ def weighted_norms(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: 
             for i, n in zip(idx, torch._foreach_norm(gs, 2, dtype=torch.float32)):
                 norms[i] = n
         return norms
+    chunk = order_stats.chunk_size_for(grads[0].device, sum(g.numel() for g in grads))
     for i, (p, g) in enumerate(zip(params, grads)):
-        norms[i] = _chunked_norm(flat_view(g), flat_view(p.detach()))
+        norms[i] = _chunked_norm(flat_view(g), flat_view(p.detach()), chunk)
     return norms
 
 
-def _chunked_norm(g: Tensor, w: Tensor | None = None) -> Tensor:
+def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
     """``||w * g||`` in float32, streamed in chunks so no tensor-sized temporary is made."""
-    chunk = order_stats.chunk_size_for(g.device)
     if g.numel() <= chunk:
         x = g.float() if w is None else g.float() * w.float()
         return torch.linalg.vector_norm(x)
@@ -255,7 +255,7 @@ def _mask_norms(grads, params, z, segs, thresholds, keep, adaptive, keep_all=Non
     device = grads[0].device
     plain = torch.zeros(len(segs), dtype=torch.float32, device=device)
     weighted = torch.zeros(len(segs), dtype=torch.float32, device=device) if adaptive else plain
-    chunk = order_stats.chunk_size_for(device)
+    chunk = order_stats.chunk_size_for(device, sum(z.sizes))
     scratch = torch.empty(min(chunk, max(z.sizes[s] for s in segs)), dtype=torch.float32, device=device)
     for j, s in enumerate(segs):
         g = z.flats[s]

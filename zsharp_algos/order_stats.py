@@ -31,9 +31,18 @@ GLOBAL = -1
 _ROUNDS = ((20, 11), (10, 10), (0, 10))
 
 
-def chunk_size_for(device: torch.device) -> int:
-    """Elements streamed per kernel: cache-sized on CPU, large on accelerators (fewer launches)."""
-    return 1 << 16 if device.type == "cpu" else 1 << 22
+def chunk_size_for(device: torch.device, total: int) -> int:
+    """Elements streamed per kernel call when scanning ``total`` values.
+
+    Large chunks amortise per-call overhead; each chunk element costs about 20 bytes of
+    temporaries (float32 values, int32 keys/digits, masks), which we keep under ``total`` bytes
+    (a quarter of the float32 parameter bytes). Between 2^16 and 2^22 elements.
+    """
+    limit = min(total // 20, 1 << 22)
+    chunk = 1 << 16
+    while chunk * 2 <= limit:
+        chunk *= 2
+    return chunk
 
 
 FillFn = Callable[[int, int, int, Tensor], None]
@@ -66,9 +75,9 @@ def select(
         size = sum(sizes) if seg == GLOBAL else sizes[seg]
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} out of range for a segment of {size} values")
-    chunk = chunk_size_for(device)
+    chunk = chunk_size_for(device, sum(sizes))
     scratch = torch.empty(min(chunk, max(sizes, default=1)), dtype=torch.float32, device=device)
-    ones = torch.ones(scratch.numel(), dtype=torch.int32, device=device)
+    ones = torch.ones(scratch.numel(), dtype=torch.int64, device=device)
     rank = _device_ints(tuple(r for _, r in queries), device)
     # Queries touching each segment (its own and the global ones): a static, host-side list.
     touching = [[q for q, (s, _) in enumerate(queries) if s in (seg, GLOBAL)] for seg in range(n_seg)]
@@ -82,28 +91,29 @@ def select(
 
     # Round 0: one histogram of the top digit per segment; the global one is their sum.
     shift, bits = _ROUNDS[0]
-    per_seg = torch.zeros(n_seg + 1, 1 << bits, dtype=torch.int32, device=device)
+    # (scatter_add_ on int64 is the fastest histogram kernel on CPU and has no host sync on GPU)
+    per_seg = torch.zeros(n_seg + 1, 1 << bits, dtype=torch.int64, device=device)
     for seg in range(n_seg):
         if not touching[seg]:
             continue
         for keys, n in chunks(seg):
-            per_seg[seg].index_add_(0, keys >> shift, ones[:n])
+            per_seg[seg].scatter_add_(0, (keys >> shift).long(), ones[:n])
     per_seg[n_seg] = per_seg[:n_seg].sum(0)
     rows = _device_ints(tuple(n_seg if s == GLOBAL else s for s, _ in queries), device)
     prefix, rank = _descend(per_seg[rows], rank)
 
     # Later rounds: histogram the next digit of the values that share each query's prefix.
     for shift, bits in _ROUNDS[1:]:
-        hist = torch.zeros(n_q, 1 << bits, dtype=torch.int32, device=device)
+        hist = torch.zeros(n_q, 1 << bits, dtype=torch.int64, device=device)
         digit_mask = (1 << bits) - 1
         for seg in range(n_seg):
             if not touching[seg]:
                 continue
             for keys, n in chunks(seg):
-                digit = (keys >> shift) & digit_mask
+                digit = ((keys >> shift) & digit_mask).long()
                 high = keys >> (shift + bits)
                 for q in touching[seg]:
-                    hist[q].index_add_(0, digit, (high == prefix[q]).to(torch.int32))
+                    hist[q].scatter_add_(0, digit, (high == prefix[q]).long())
         digit, rank = _descend(hist, rank)
         prefix = (prefix << bits) | digit
     return prefix.to(torch.int32).view(torch.float32)
@@ -120,5 +130,5 @@ def _descend(hist: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     """For each row: the bin holding the ``rank``-th value and the rank within that bin."""
     cum = hist.cumsum(1)
     digit = torch.searchsorted(cum, rank[:, None], right=True)
-    below = cum.gather(1, digit) - hist.gather(1, digit).to(cum.dtype)
+    below = cum.gather(1, digit) - hist.gather(1, digit)
     return digit[:, 0], rank - below[:, 0]

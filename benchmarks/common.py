@@ -1,0 +1,90 @@
+"""Shared benchmark plumbing: machine facts, interleaved timing, JSON output, tables."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default="results/bench", help="folder for the JSON output")
+    return parser
+
+
+def setup(args) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(units: dict[str, Callable[[], int]], rounds: int, warmup: int, device) -> dict[str, float]:
+    """Run every unit once per round, in rotating order so drift and noise hit all alike; each
+    unit returns how many steps it took. Returns the median seconds per step of each unit."""
+    names = list(units)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            steps = units[name]()
+            sync(device)
+            if r >= warmup:
+                samples[name].append((time.perf_counter() - start) / steps)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def write_json(out_dir: str, name: str, payload: dict) -> Path:
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / f"{name}.json"
+    file.write_text(json.dumps(payload, indent=2))
+    return file
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -1,0 +1,99 @@
+"""ZSharp's optimizer-only time and extra memory versus parameter count, up to resnet50,
+vit_base_patch16_224 (86M) and a single 22M-element tensor, where quantile-based peers fail.
+
+    python benchmarks/filter_scaling.py --device cuda
+Memory is read from the CUDA caching allocator (exact); on CPU only times are recorded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common import base_parser, interleaved_medians, machine, print_table, setup, sync, write_json
+from peers import LoopSAM, Ours, SeedZSharp
+
+from zsharp_algos import SAM, ZSharp
+
+SUBJECTS = ["resnet18", "resnet50", "vit_base_patch16_224", "single_22M"]
+METHODS = {
+    "ours_sam": lambda ps: Ours(SAM(torch.optim.SGD(ps, lr=1e-3), rho=0.05)),
+    "ours_zsharp": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05)),
+    "ours_zsharp_tensor": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05, scope="tensor")),
+    "loop_sam": lambda ps: LoopSAM(ps, torch.optim.SGD(ps, lr=1e-3)),
+    "seed_zsharp": lambda ps: SeedZSharp(ps, torch.optim.SGD(ps, lr=1e-3)),
+}
+
+
+def parameters(subject, device):
+    if subject == "single_22M":
+        return [nn.Parameter(torch.randn(4400, 5000, device=device))]
+    import timm
+
+    torch.manual_seed(0)
+    return [nn.Parameter(p.detach().to(device)) for p in timm.create_model(subject, num_classes=10).parameters()]
+
+
+def measure(subject, device, rounds, warmup):
+    params = parameters(subject, device)
+    grads = [torch.randn_like(p) for p in params]
+    n = sum(p.numel() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    units, memory, failures = {}, {}, {}
+    for name, make in METHODS.items():
+        sync(device)
+        base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        impl = make(params)
+
+        def unit(impl=impl):
+            for p, g in zip(params, grads):
+                p.grad = g
+            impl.first_step()
+            impl.second_step()
+            return 1
+
+        try:
+            unit()
+        except Exception as err:  # record the failure (torch.quantile's 2^24 cap), do not hide it
+            failures[name] = f"{type(err).__name__}: {str(err)[:80]}"
+            continue
+        if device.type == "cuda":
+            sync(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            unit()
+            sync(device)
+            memory[name] = {
+                "persistent_x_params": (before - base_alloc) / param_bytes,
+                "transient_peak_x_params": (torch.cuda.max_memory_allocated(device) - before) / param_bytes,
+            }
+        units[name] = unit
+    times = interleaved_medians(units, rounds, warmup, device)
+    return {"params": n, "optimizer_only_s": times, "memory": memory, "failures": failures}
+
+
+def main():
+    parser = base_parser(__doc__)
+    parser.add_argument("--subjects", default=",".join(SUBJECTS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+    device = setup(args)
+    results = {"machine": machine(device), "settings": vars(args), "subjects": {}}
+    rows = []
+    for subject in args.subjects.split(","):
+        r = results["subjects"][subject] = measure(subject, device, args.rounds, args.warmup)
+        for name in METHODS:
+            if name in r["failures"]:
+                rows.append([subject, f"{r['params'] / 1e6:.1f}M", name, "FAILED", r["failures"][name], ""])
+                continue
+            mem = r["memory"].get(name, {})
+            rows.append([subject, f"{r['params'] / 1e6:.1f}M", name, r["optimizer_only_s"][name] * 1e3,
+                         f"{mem['persistent_x_params']:.2f}" if mem else "n/a",
+                         f"{mem['transient_peak_x_params']:.2f}" if mem else "n/a"])
+    print_table(f"optimizer-only time and extra memory ({device})",
+                ["model", "params", "implementation", "ms", "persistent x params", "transient peak x params"], rows)
+    print("\nwrote", write_json(args.out, f"filter_scaling_{device.type}", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Full-step cost of SGD, SAM and ZSharp (scopes, intervals), and the optimizer-only part of ours
+against the peers, on timm resnet18 and a small ViT at CIFAR size (batch 64).
+
+    python benchmarks/step_cost.py --device cpu --threads 2
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from common import base_parser, interleaved_medians, machine, print_table, setup, write_json
+from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp
+
+from zsharp_algos import SAM, ZSharp
+
+MODELS = {
+    "resnet18": dict(name="resnet18"),
+    "vit_small_c32": dict(name="vit_small_patch16_224", img_size=32, patch_size=4),
+}
+STEP_METHODS = {
+    "sgd": None,
+    "sam": dict(cls=SAM),
+    "zsharp": dict(cls=ZSharp),
+    "zsharp_tensor": dict(cls=ZSharp, scope="tensor"),
+    "zsharp_k2": dict(cls=ZSharp, interval=2),
+    "zsharp_k5": dict(cls=ZSharp, interval=5),
+    "zsharp_k10": dict(cls=ZSharp, interval=10),
+}
+
+
+def build(spec, device):
+    import timm
+
+    spec = dict(spec)
+    torch.manual_seed(0)
+    return timm.create_model(spec.pop("name"), num_classes=10, **spec).to(device)
+
+
+def full_steps(base_model, device, rounds, warmup):
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    units = {}
+    for name, spec in STEP_METHODS.items():
+        model = copy.deepcopy(base_model)
+        sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if spec is None:
+            opt, k = sgd, 1
+        else:
+            spec = dict(spec)
+            opt = spec.pop("cls")(sgd, rho=0.05, model=model, **spec)
+            k = opt.interval
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        def unit(opt=opt, closure=closure, k=k):  # a whole interval cycle, so its mean is the cost
+            for _ in range(k):
+                opt.step(closure)
+            return k
+
+        units[name] = unit
+    return interleaved_medians(units, rounds, warmup, device)
+
+
+def optimizer_only(base_model, device, rounds, warmup):
+    params0 = [p.detach().clone() for p in base_model.parameters()]
+    grads = [torch.randn_like(p) for p in params0]
+    makers = {
+        "ours_sam": lambda ps, base: Ours(SAM(base, rho=0.05)),
+        "loop_sam": lambda ps, base: LoopSAM(ps, base),
+        "composer_sam": lambda ps, base: ComposerSAM(ps, base),
+        "ours_zsharp": lambda ps, base: Ours(ZSharp(base, rho=0.05)),
+        "seed_zsharp": lambda ps, base: SeedZSharp(ps, base),
+        "ours_zsharp_tensor": lambda ps, base: Ours(ZSharp(base, rho=0.05, scope="tensor")),
+    }
+    units, failures = {}, {}
+    for name, make in makers.items():
+        ps = [nn.Parameter(p.clone()) for p in params0]
+        try:
+            impl = make(ps, torch.optim.SGD(ps, lr=1e-3, momentum=0.9))
+        except ImportError as err:
+            failures[name] = f"not installed: {err}"
+            continue
+
+        def unit(ps=ps, impl=impl):
+            for p, g in zip(ps, grads):
+                p.grad = g
+            impl.first_step()
+            impl.second_step()
+            return 1
+
+        try:
+            unit()
+        except Exception as err:  # record, do not hide (e.g. torch.quantile's size cap)
+            failures[name] = f"{type(err).__name__}: {err}"
+            continue
+        units[name] = unit
+    return interleaved_medians(units, rounds, warmup, device), failures
+
+
+def main():
+    parser = base_parser(__doc__)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = setup(args)
+    results = {"machine": machine(device), "settings": vars(args), "models": {}}
+    for key in args.models.split(","):
+        model = build(MODELS[key], device)
+        n_params = sum(p.numel() for p in model.parameters())
+        steps = full_steps(model, device, args.rounds, args.warmup)
+        opt_only, failures = optimizer_only(model, device, args.rounds, args.warmup)
+        results["models"][key] = {"params": n_params, "step_s": steps, "optimizer_only_s": opt_only,
+                                  "failures": failures}
+        sgd, sam = steps["sgd"], steps["sam"]
+        rows = [[m, t * 1e3, t / sgd, t / sam] for m, t in steps.items()]
+        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch 64, {device}): full step",
+                    ["method", "ms/step", "x SGD", "x SAM"], rows)
+        for k in (2, 5, 10):
+            print(f"  interval {k}: {steps[f'zsharp_k{k}'] / sgd:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")
+        print_table(f"{key}: optimizer-only (first + second step, base SGD included)", ["implementation", "ms"],
+                    [[m, t * 1e3] for m, t in opt_only.items()] + [[m, f"FAILED ({e})"] for m, e in failures.items()])
+    print("\nwrote", write_json(args.out, f"step_cost_{device.type}", results))
+
+
+if __name__ == "__main__":
+    main()
