@@ -262,3 +262,19 @@ def test_cuda_matches_cpu_without_syncs(kw):
     for p, want in zip(params, e_cpu):
         assert torch.equal(p.grad.cpu() != 0, want != 0)
         torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_histogram_kernels_agree():
+    """The accelerator kernel (histc) and the CPU kernel (scatter_add_) count the same."""
+    from zsharp_algos.order_stats import _count
+
+    gen = torch.Generator().manual_seed(0)
+    digits = torch.randint(0, 1024, (100_000,), generator=gen, dtype=torch.int32)
+    digits[:5000] = 1023  # the top bin's right edge
+    where = torch.rand(100_000, generator=gen) < 0.3
+    for mask in (None, where):
+        a, b = torch.zeros(1024, dtype=torch.int64), torch.zeros(1024, dtype=torch.int64)
+        _count(a, digits, mask, shared_memory=False)
+        _count(b, digits, mask, shared_memory=True)
+        want = torch.bincount(digits.long() if mask is None else digits[mask].long(), minlength=1024)
+        assert torch.equal(a, want) and torch.equal(b, want)

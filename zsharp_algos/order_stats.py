@@ -77,7 +77,6 @@ def select(
             raise ValueError(f"rank {rank} out of range for a segment of {size} values")
     chunk = chunk_size_for(device, sum(sizes))
     scratch = torch.empty(min(chunk, max(sizes, default=1)), dtype=torch.float32, device=device)
-    ones = torch.ones(scratch.numel(), dtype=torch.int64, device=device)
     rank = _device_ints(tuple(r for _, r in queries), device)
     # Queries touching each segment (its own and the global ones): a static, host-side list.
     touching = [[q for q, (s, _) in enumerate(queries) if s in (seg, GLOBAL)] for seg in range(n_seg)]
@@ -91,13 +90,12 @@ def select(
 
     # Round 0: one histogram of the top digit per segment; the global one is their sum.
     shift, bits = _ROUNDS[0]
-    # (scatter_add_ on int64 is the fastest histogram kernel on CPU and has no host sync on GPU)
     per_seg = torch.zeros(n_seg + 1, 1 << bits, dtype=torch.int64, device=device)
     for seg in range(n_seg):
         if not touching[seg]:
             continue
         for keys, n in chunks(seg):
-            per_seg[seg].scatter_add_(0, (keys >> shift).long(), ones[:n])
+            _count(per_seg[seg], keys >> shift, None)
     per_seg[n_seg] = per_seg[:n_seg].sum(0)
     rows = _device_ints(tuple(n_seg if s == GLOBAL else s for s, _ in queries), device)
     prefix, rank = _descend(per_seg[rows], rank)
@@ -110,13 +108,28 @@ def select(
             if not touching[seg]:
                 continue
             for keys, n in chunks(seg):
-                digit = ((keys >> shift) & digit_mask).long()
+                digit = (keys >> shift) & digit_mask
                 high = keys >> (shift + bits)
                 for q in touching[seg]:
-                    hist[q].scatter_add_(0, digit, (high == prefix[q]).long())
+                    _count(hist[q], digit, high == prefix[q])
         digit, rank = _descend(hist, rank)
         prefix = (prefix << bits) | digit
     return prefix.to(torch.int32).view(torch.float32)
+
+
+def _count(hist: Tensor, digits: Tensor, where: Tensor | None, shared_memory: bool | None = None) -> None:
+    """``hist[d] += #{i : digits[i] == d and where[i]}`` (int64 ``hist``), without a host sync.
+
+    CPU: ``scatter_add_`` (the fastest kernel there). Accelerators: ``histc`` on unit-wide bins,
+    which counts in per-block shared memory; global atomics (``scatter_add_``) serialise on the
+    few bins that hold most |z| values. Its float32 counts are exact: a chunk has < 2^24 values.
+    """
+    if not (hist.device.type != "cpu" if shared_memory is None else shared_memory):
+        src = torch.ones_like(digits, dtype=torch.int64) if where is None else where.long()
+        hist.scatter_add_(0, digits.long(), src)
+        return
+    values = digits.float() if where is None else torch.where(where, digits.float(), -1.0)
+    hist += torch.histc(values, bins=hist.numel(), min=0, max=hist.numel()).long()
 
 
 @lru_cache(maxsize=256)
