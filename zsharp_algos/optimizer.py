@@ -95,11 +95,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.rho, self.interval, self.adaptive, self.eps = float(rho), int(interval), bool(adaptive), float(eps)
         self.max_grad_norm = max_grad_norm
         self.model = model
-        self.step_count = 0  # steps taken (host-side int: interval phase, saved in state_dict)
+        # Base steps taken (host-side int: the interval phase; saved in state_dict). Steps skipped
+        # for overflow are not counted; frameworks with their own step counter set it from that.
+        self.step_count = 0
         self._backup: dict[Tensor, Tensor] = {}  # param -> saved weights (views of flat buffers)
         self._perturbed: list[Tensor] = []
-        # Share param_groups and state with the base: LR schedulers, grad clipping and
-        # framework code that inspects the optimizer see (and change) the base's.
         # Share param_groups and state with the base: LR schedulers, grad clipping and
         # framework code that inspects the optimizer see (and change) the base's. The base's
         # groups are passed to Optimizer.__init__ only to set up its hooks and profiling.
