@@ -1,0 +1,322 @@
+"""``zsharp_algos.accelerate``: the two-pass helper in accelerate loops, and the example script
+``integrations/accelerate/train.py``; checked against plain-PyTorch math (``two_pass_reference``)."""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos.accelerate import TwoPassBackward  # noqa: E402
+from zsharp_algos.two_pass import TwoPassOptimizer  # noqa: E402
+
+from reference import sam_perturbation, zsharp_global_perturbation  # noqa: E402
+from two_pass_reference import (  # noqa: E402
+    accumulated_step,
+    assert_same,
+    data_parallel_step,
+    mlp,
+    two_pass_gradient,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "integrations" / "accelerate" / "train.py"
+
+
+def reset_accelerate_state():
+    """accelerate keeps process-wide singletons; each Accelerator here starts afresh."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
+def batches(n, seed=0, size=12):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(n)]
+
+
+def train_with_helper(accelerator, model, optimizer, data, grad_accum=1, scheduler=None):
+    """The loop from the zsharp_algos.accelerate docstring."""
+    sharp = TwoPassBackward(accelerator, optimizer)
+    prepared = accelerator.prepare(model, sharp.optimizer, *([scheduler] if scheduler else []))
+    model, opt = prepared[:2]
+    for x, y in data:
+        with accelerator.accumulate(model):
+            sharp.backward(model, lambda: F.cross_entropy(model(x), y))
+            opt.step()
+            if scheduler is not None:
+                prepared[2].step()
+            opt.zero_grad()
+    return sharp, opt
+
+
+# --------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("name,interval", [("zsharp", 1), ("sam", 2)])
+def test_helper_step_equals_core_closure_step(name, interval):
+    model, data = mlp(), batches(4)
+    ref = copy.deepcopy(model)
+    cls = ZSharp if name == "zsharp" else SAM
+
+    def make(m, **kw):
+        return cls(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), rho=0.1, interval=interval, **kw)
+
+    train_with_helper(Accelerator(cpu=True), model, make(model), data)
+
+    core = make(ref, model=ref)
+    for x, y in data:
+        def closure(x=x, y=y):
+            core.zero_grad()
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+        core.step(closure)
+    assert_same(model.state_dict(), ref.state_dict())
+
+
+def test_gradient_accumulation_perturbs_each_micro_batch_by_its_own_gradient():
+    model, data = mlp(), batches(4)
+    ref = copy.deepcopy(model)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    train_with_helper(accelerator, model, SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.2), data,
+                      grad_accum=2)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for k in range(0, 4, 2):
+        accumulated_step(ref, data[k:k + 2], functools.partial(sam_perturbation, rho=0.2), opt)
+    assert_same(model.state_dict(), ref.state_dict(), exact=False)
+
+
+def test_bf16_autocast_matches_the_math_under_autocast():
+    model, data = mlp(bn=False), batches(2)
+    ref = copy.deepcopy(model)
+    train_with_helper(Accelerator(cpu=True, mixed_precision="bf16"), model,
+                      ZSharp(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.2), data)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.2)  # noqa: E731
+    def loss_fn(m, x, y):  # accelerate autocasts the model's forward and returns fp32 outputs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(x).float()
+        return F.cross_entropy(logits, y)
+
+    for x, y in data:
+        grads = two_pass_gradient(ref, functools.partial(loss_fn, x=x, y=y), perturbation)
+        for p, g in zip(ref.parameters(), grads):
+            p.grad = g
+        opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_same(model.state_dict(), ref.state_dict(), exact=False, rtol=1e-4, atol=1e-5)
+
+
+def _fp16_accelerator(device):
+    """fp16 loss scaling: accelerate's own on CUDA; on the CPU (where accelerate has no fp16
+    scaler) the same torch GradScaler, handed to the Accelerator before prepare."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return Accelerator(mixed_precision="fp16")
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return accelerator
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("bad_pass", [1, 2])
+def test_fp16_overflow_in_either_pass_skips_step_and_scheduler(device, bad_pass):
+    accelerator = _fp16_accelerator(device)
+    model = mlp()
+    start = copy.deepcopy(model.state_dict())
+    optimizer = ZSharp(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    sharp = TwoPassBackward(accelerator, optimizer)
+    model, opt, sched = accelerator.prepare(model, sharp.optimizer, scheduler)
+    (x, y), = batches(1)
+    x, y = x.to(accelerator.device), y.to(accelerator.device)
+    scale_before = accelerator.scaler.get_scale()
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        inputs = x * float("inf") if len(calls) == bad_pass else x
+        return F.cross_entropy(model(inputs), y)
+
+    with accelerator.accumulate(model):
+        sharp.backward(model, loss_fn)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert len(calls) == 2
+    assert opt.step_was_skipped
+    assert accelerator.scaler.get_scale() == scale_before / 2
+    assert sched.get_last_lr() == [0.1]  # the scheduler did not step
+    assert optimizer.step_count == 0 and not optimizer.state  # no momentum buffer was made
+    # the weights are the unperturbed ones (BatchNorm stats move in the first pass, as always)
+    now = accelerator.unwrap_model(model).state_dict()
+    assert_same({k: v.cpu() for k, v in now.items() if "running" not in k and "num_batches" not in k},
+                {k: v for k, v in start.items() if "running" not in k and "num_batches" not in k})
+    # and the next, clean step trains
+    with accelerator.accumulate(model):
+        sharp.backward(model, lambda: F.cross_entropy(model(x), y))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert not opt.step_was_skipped and optimizer.step_count == 1 and sched.get_last_lr() == [0.05]
+
+
+def test_step_without_the_passes_is_refused_and_bad_setups_too():
+    model = mlp()
+    two_pass = TwoPassOptimizer(SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1))
+    (x, y), = batches(1)
+    F.cross_entropy(model(x), y).backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="backward"):
+        two_pass.step()
+    assert_same(model.state_dict(), before)
+    with pytest.raises(TypeError, match="closure"):
+        two_pass.step(lambda: None)
+
+    class FakeAccelerator:
+        distributed_type = accelerate.utils.DistributedType.DEEPSPEED
+
+    with pytest.raises(ValueError, match="DEEPSPEED"):
+        TwoPassBackward(FakeAccelerator(), SAM(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+def test_state_dict_roundtrip_keeps_interval_phase():
+    model = mlp()
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), interval=2)
+    _, opt = train_with_helper(Accelerator(cpu=True), model, sam, batches(3))
+    state = opt.state_dict()
+    assert state["sharpness"]["step_count"] == 3 and state["state"]  # momentum buffers too
+    other = TwoPassOptimizer(SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), interval=2))
+    other.load_state_dict(state)
+    assert other.sharpness.step_count == 3 and other.is_sharpness_step()
+    assert other.param_groups is other.sharpness.base_optimizer.param_groups
+
+
+# --------------------------------------------------------------------------- two processes
+WORKER = r'''
+import sys
+import torch, torch.nn.functional as F
+from accelerate import Accelerator
+from zsharp_algos import ZSharp
+from zsharp_algos.accelerate import TwoPassBackward
+sys.path.insert(0, sys.argv[2])
+from two_pass_reference import mlp
+
+accelerator = Accelerator(cpu=True)
+model = mlp(bn=False)
+init = {k: v.clone() for k, v in model.state_dict().items()}
+sharp = TwoPassBackward(accelerator, ZSharp(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), rho=0.5))
+model, optimizer = accelerator.prepare(model, sharp.optimizer)
+gen = torch.Generator().manual_seed(100 + accelerator.process_index)  # every rank its own batches
+seen = []
+for step in range(3):
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    seen.append((x, y))
+    with accelerator.accumulate(model):
+        sharp.backward(model, lambda: F.cross_entropy(model(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+final = accelerator.unwrap_model(model).state_dict()
+torch.save({"init": init, "seen": seen, "final": final, "world": accelerator.num_processes},
+           f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launcher = Path(sys.executable).with_name("accelerate")
+    # `--multi_gpu` is accelerate's torchrun-based launcher; the worker's Accelerator(cpu=True) makes it gloo DDP.
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(script), str(tmp_path), str(Path(__file__).parent)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == 2
+    assert_same(r0["final"], r1["final"])  # replicas identical, bitwise
+
+    model = mlp(bn=False)
+    model.load_state_dict(r0["init"])
+    other = copy.deepcopy(model)
+    perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.5)  # noqa: E731
+    opt, other_opt = (torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for m in (model, other))
+    for step in range(3):
+        rank_batches = [r0["seen"][step], r1["seen"][step]]
+        data_parallel_step(model, rank_batches, perturbation, opt)
+        data_parallel_step(other, rank_batches, perturbation, other_opt, sync_first_pass=True)
+    assert_same(r0["final"], model.state_dict(), exact=False)
+    # and it is really the per-rank first pass: the all-reduced one ends elsewhere
+    assert max((a - b).abs().max().item() for a, b in zip(r0["final"].values(), other.state_dict().values())) > 1e-4
+
+
+# --------------------------------------------------------------------------- the example script
+def _train_main():
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("accelerate_train_example", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _run(main, out, *extra):
+    args = ["--model", "test_resnet", "--train-subset", "96", "--batch-size", "16", "--max-steps", "4",
+            "--optim", "zsharp", "--interval", "2", "--grad-accum", "2", "--cpu", "--no-progress",
+            "--output-dir", str(out), *extra]
+    summary = main(args)
+    reset_accelerate_state()
+    return summary
+
+
+def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    main = _train_main()
+    full = _run(main, tmp_path / "full", "--checkpoint-every", "1")
+    assert full["steps"] == 4 and full["final"]["test_accuracy"] >= 0
+    assert "sharpness/perturbation_norm" in full["final"]
+    # resume at step 1: the next step (2) is a sharpness step only if the interval counter was saved
+    _run(main, tmp_path / "full", "--resume", str(tmp_path / "full" / "checkpoints" / "step_1"),
+         "--output-dir", str(tmp_path / "resumed"))
+    uninterrupted = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert_same(resumed, uninterrupted)
+
+
+def test_accelerate_config_files_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((ROOT / "yamls" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"cpu_multiprocess", "single_gpu", "multi_gpu", "apple_mps"}
+    for path in configs:
+        config = load_config_from_file(str(path))
+        assert config.mixed_precision in ("no", "bf16", "fp16"), path

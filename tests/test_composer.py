@@ -1,0 +1,447 @@
+"""Composer integration: ZSharpAlgorithm / SAMAlgorithm in the Composer Trainer (CPU).
+
+References are independent of the integration: a hand-written PyTorch loop over the core
+optimizer, an uninterrupted run (for resume), the other rank (for DDP), the same batch without
+accumulation, and tests/reference.py for ZSharp's masks.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("composer")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from composer import Callback, Trainer  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+from composer.models import ComposerClassifier  # noqa: E402
+from composer.trainer._scaler import ClosureGradScaler  # noqa: E402
+from composer_ddp_worker import small_bn_net  # noqa: E402
+from reference import zsharp_global_masks  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos.composer import ComposerZSharp, SAMAlgorithm, ZSharpAlgorithm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 5
+
+
+# --------------------------------------------------------------------------- helpers
+def make_data(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+
+
+def seeded(factory, seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory()
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def composer_fit(model, algorithm, data, *, batch_size, batches, loggers=(), **trainer_kwargs) -> Trainer:
+    x, y = data
+    trainer = Trainer(
+        model=ComposerClassifier(model, num_classes=NUM_CLASSES),
+        train_dataloader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        optimizers=sgd(model.parameters()),
+        max_duration=f"{batches}ba",
+        algorithms=[algorithm],
+        loggers=list(loggers),
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        seed=0,
+        **trainer_kwargs,
+    )
+    trainer.fit()
+    return trainer
+
+
+def plain_loop(model, optimizer_cls, kwargs, data, *, batch_size, batches):
+    """The core optimizer in a hand-written loop over the same batches. Returns, per step,
+    whether it was a sharpness step, the first pass's loss and its gradients."""
+    x, y = data
+    opt = optimizer_cls(sgd(model.parameters()), model=model, **kwargs)
+    model.train()
+    steps = []
+    for i in range(batches):
+        j = i % (len(x) // batch_size)
+        xb, yb = x[j * batch_size : (j + 1) * batch_size], y[j * batch_size : (j + 1) * batch_size]
+        first: dict = {}
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if not first:
+                first.update(loss=loss.item(), grads=[p.grad.clone() for p in model.parameters()])
+            return loss
+
+        sharp = opt.is_sharpness_step()
+        opt.step(closure)
+        steps.append((sharp, first["loss"], first["grads"]))
+    return steps
+
+
+def logged(logger: InMemoryLogger, key: str) -> list[float]:
+    return [float(v) for _, v in logger.data.get(key, [])]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def optimizer_tensors(opt) -> dict:
+    """Every tensor of a (base) optimizer state dict, by 'param index/name'."""
+    sd = opt.state_dict()
+    return {f"{i}/{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("composer_train", ROOT / "integrations" / "composer" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- packaging
+def test_import_zsharp_algos_does_not_import_composer():
+    code = "import sys, zsharp_algos; sys.exit('composer' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_algorithm_state_is_plain_and_repr_deterministic(tmp_path):
+    algo = ZSharpAlgorithm(rho=0.1, percentile=80, scope="tensor", interval=2)
+    assert repr(algo) == repr(ZSharpAlgorithm(rho=0.1, percentile=80, scope="tensor", interval=2))
+    assert "0x" not in repr(algo) and "percentile=80.0" in repr(algo)
+    torch.save(algo.state_dict(), tmp_path / "algo.pt")
+    assert torch.load(tmp_path / "algo.pt", weights_only=True) == algo.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        algo.load_state_dict(algo.state_dict())  # same hyper-parameters: silent
+    with pytest.warns(UserWarning, match="rho: 0.1 -> 0.2"):
+        ZSharpAlgorithm(rho=0.2, percentile=80, scope="tensor", interval=2).load_state_dict(algo.state_dict())
+    with pytest.raises(ValueError, match="interval"):
+        SAMAlgorithm(interval=0)
+    with pytest.raises(ValueError, match="percentile"):
+        ZSharpAlgorithm(percentile=100)
+
+
+def test_refuses_fsdp_and_sharpness_optimizers_at_construction():
+    model = mlp()
+    data = DataLoader(TensorDataset(*make_data(8)), batch_size=4)
+    common = dict(model=ComposerClassifier(model, num_classes=NUM_CLASSES), train_dataloader=data, device="cpu")
+    with pytest.raises(ValueError, match="supports single-process or DDP.*FSDP"):
+        Trainer(**common, optimizers=sgd(model.parameters()), algorithms=[ZSharpAlgorithm()],
+                parallelism_config={"fsdp": {}})
+    with pytest.raises(TypeError, match="plain base optimizer"):
+        Trainer(**common, optimizers=ZSharp(sgd(model.parameters())), algorithms=[ZSharpAlgorithm()])
+
+
+# --------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("interval", [1, 3])
+@pytest.mark.parametrize(
+    "algorithm_cls, optimizer_cls, direction_kwargs",
+    [(SAMAlgorithm, SAM, {}), (ZSharpAlgorithm, ZSharp, {"percentile": 70.0})],
+    ids=["sam", "zsharp"],
+)
+def test_trainer_matches_plain_pytorch_loop(algorithm_cls, optimizer_cls, direction_kwargs, interval):
+    data, batches, batch_size, rho = make_data(48), 6, 12, 0.05
+    model = seeded(small_bn_net)
+    reference_model = copy.deepcopy(model)
+    logger = InMemoryLogger()
+    algorithm = algorithm_cls(rho=rho, interval=interval, log_interval=1, **direction_kwargs)
+    composer_fit(model, algorithm, data, batch_size=batch_size, batches=batches, loggers=[logger])
+    steps = plain_loop(
+        reference_model, optimizer_cls, dict(rho=rho, interval=interval, **direction_kwargs),
+        data, batch_size=batch_size, batches=batches,
+    )
+
+    # Same weights and BatchNorm statistics (to fp32 round-off; in practice bit for bit).
+    got, want = model.state_dict(), reference_model.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+    # The logged training loss is the first pass's (the perturbed pass is not logged).
+    assert logged(logger, "loss/train/total") == pytest.approx([loss for _, loss, _ in steps], rel=1e-6)
+    # Metrics of every sharpness step (log_interval=1), against the reference loop's gradients.
+    sharp_grads = [grads for sharp, _, grads in steps if sharp]
+    assert len(sharp_grads) == batches // interval
+    prefix = algorithm.metric_prefix
+    norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() for grads in sharp_grads]
+    assert logged(logger, f"{prefix}/grad_norm") == pytest.approx(norms, rel=1e-5)
+    assert logged(logger, f"{prefix}/perturbation_norm") == pytest.approx([rho] * len(norms), rel=1e-5)
+    if optimizer_cls is ZSharp:
+        fractions = []
+        for grads in sharp_grads:
+            masks = zsharp_global_masks(grads, direction_kwargs["percentile"])
+            kept = sum(int((m & (g != 0)).sum()) for m, g in zip(masks, grads))
+            fractions.append(kept / sum(g.numel() for g in grads))
+        assert logged(logger, "zsharp/perturbed_fraction") == pytest.approx(fractions, rel=1e-6)
+
+
+@pytest.mark.parametrize("algorithm_cls", [SAMAlgorithm, ZSharpAlgorithm], ids=["sam", "zsharp"])
+def test_gradient_accumulation_matches_whole_batch(algorithm_cls):
+    """The closure runs every micro-batch, so the perturbation uses the whole batch's gradient:
+    with no BatchNorm (whose statistics are per micro-batch) accumulation 2 equals accumulation 1
+    up to the round-off of summing the two halves' gradients."""
+    data = make_data(24)
+    runs = {}
+    for microbatch in (12, 6):
+        model = seeded(mlp)
+        trainer = composer_fit(
+            model, algorithm_cls(rho=0.1), data, batch_size=12, batches=4, device_train_microbatch_size=microbatch
+        )
+        runs[microbatch] = (model.state_dict(), trainer.state.total_loss_dict["loss/train/total"])
+    (whole, whole_loss), (halves, halves_loss) = runs[12], runs[6]
+    for k in whole:
+        torch.testing.assert_close(halves[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert halves_loss == pytest.approx(whole_loss, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
+    """interval=3 with a checkpoint at batch 5 (mid-phase, mid-epoch), BatchNorm, momentum."""
+    data = make_data(16)
+
+    def run(**kwargs):
+        model = seeded(small_bn_net)
+        trainer = composer_fit(model, ZSharpAlgorithm(interval=3), data, batch_size=4, batches=9, **kwargs)
+        return model, trainer
+
+    full_model, full = run(save_folder=str(tmp_path), save_interval="5ba", save_filename="ba{batch}.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed_model, resumed = run(load_path=str(tmp_path / "ba5.pt"))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "not in the state_dict" in m or "different hyper-parameters" in m]
+
+    assert int(resumed.state.timestamp.batch) == int(full.state.timestamp.batch) == 9
+    assert_same_tensors(resumed_model.state_dict(), full_model.state_dict())  # weights + BN statistics
+    base_full, base_resumed = full.state.optimizers[0].base_optimizer, resumed.state.optimizers[0].base_optimizer
+    assert len(optimizer_tensors(base_full)) == len(list(full_model.parameters()))  # momentum for all
+    assert_same_tensors(optimizer_tensors(base_resumed), optimizer_tensors(base_full))
+    assert base_resumed.state_dict()["param_groups"] == base_full.state_dict()["param_groups"]
+
+
+# --------------------------------------------------------------------------- data parallel
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(script: Path, *args: str, timeout: float = 300) -> None:
+    """Start ``script`` as ranks 0 and 1 of a gloo process group (the environment ``composer -n 2``
+    and ``torchrun`` set up) and wait for both."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
+
+
+def test_two_ranks_end_bitwise_equal(tmp_path):
+    """2 processes (gloo), unsynced first passes: ours keep the replicas bitwise equal, where
+    Composer's own SAM (restore by subtraction) has already drifted in the same run."""
+    steps, algorithms = 12, ["zsharp", "sam", "composer_sam"]
+    launch_two_ranks(ROOT / "tests" / "composer_ddp_worker.py", str(tmp_path), str(steps), *algorithms)
+
+    def params(state):  # BatchNorm running statistics are per rank under DDP (rank 0's are broadcast)
+        return {k: v for k, v in state["model"].items() if "running" not in k and "num_batches" not in k}
+
+    for name in algorithms:
+        rank0, rank1 = (torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
+        if name == "composer_sam":
+            drift = max((params(rank0)[k] - params(rank1)[k]).abs().max().item() for k in params(rank0))
+            assert drift > 0, "control: Composer's SAM was expected to drift in this setting"
+            continue
+        assert_same_tensors(params(rank0), params(rank1))
+        momentum = [s["momentum_buffer"] for s in rank0["optimizer"]["state"].values()]
+        assert len(momentum) == len(params(rank0))
+        for a, b in zip(momentum, [s["momentum_buffer"] for s in rank1["optimizer"]["state"].values()]):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- fp16 protocol
+def test_fp16_closure_protocol_with_composers_scaler():
+    """What the trainer does under amp_fp16 (Composer allows fp16 on CUDA only, so this drives
+    its ClosureGradScaler by hand on CPU): a clean step equals the unscaled core step bit for
+    bit (the scale is a power of two), and an overflow in the second pass skips the step with
+    weights and momentum exactly as they were, and backs the scale off."""
+    x, y = make_data(8)
+    model = seeded(small_bn_net)
+    reference = copy.deepcopy(model)
+    opt = ComposerZSharp(sgd(model.parameters()), model=model)
+    ref_opt = ZSharp(sgd(reference.parameters()), model=reference)
+    scaler = ClosureGradScaler(device="cpu", init_scale=2.0**10)
+    blow_up = {"pass": None}
+    calls = []
+
+    def trainer_closure(loss_dict=None, ddp_sync=True):  # as Trainer._train_microbatches
+        calls.append(len(calls) + 1)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if blow_up["pass"] == len(calls):
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        return loss.detach()
+
+    def reference_closure():
+        ref_opt.zero_grad()
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):  # clean steps
+        calls.clear()
+        assert scaler.step(opt, closure=trainer_closure) is not None
+        scaler.update()
+        ref_opt.step(reference_closure)
+        assert calls == [1, 2]
+    assert_same_tensors(model.state_dict(), reference.state_dict())
+    assert_same_tensors(optimizer_tensors(opt), optimizer_tensors(ref_opt))
+
+    def weights():  # (the skipped step's first forward still updates BatchNorm statistics, as with any AMP skip)
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    before_weights, before_state = weights(), copy.deepcopy(optimizer_tensors(opt))
+    calls.clear()
+    blow_up["pass"] = 2
+    assert scaler.step(opt, closure=trainer_closure) is None
+    scaler.update()
+    assert calls == [1, 2]
+    assert_same_tensors(weights(), before_weights)
+    assert_same_tensors(optimizer_tensors(opt), before_state)
+    assert scaler.get_scale() == 2.0**9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Composer runs amp_fp16 on CUDA only")
+def test_amp_fp16_trainer_on_cuda_matches_core_loop_and_skips_overflow_exactly():
+    """The real trainer under amp_fp16 (Composer's ClosureGradScaler) against a hand-written
+    autocast loop with the core ClosureGradScaler; then an inf injected into the second pass of
+    a sharpness step: that step is skipped with the weights bitwise unchanged."""
+    from zsharp_algos import ClosureGradScaler as CoreScaler
+
+    torch.backends.cudnn.benchmark = False
+    x, y = make_data(64)
+    batch_size, batches = 16, 8
+    bomb = {"batch": None, "current": -1, "calls": 0}
+    snapshots, scales = [], []
+
+    class Watch(Callback):
+        def batch_start(self, state, logger):
+            bomb["current"], bomb["calls"] = int(state.timestamp.batch), 0
+
+        def batch_end(self, state, logger):
+            snapshots.append({k: v.detach().clone() for k, v in state.model.named_parameters()})
+            scales.append(state.scaler.get_scale())
+
+    def loss_fn(outputs, targets):
+        bomb["calls"] += 1
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float("inf") if (bomb["current"], bomb["calls"]) == (bomb["batch"], 2) else loss
+
+    def run():
+        snapshots.clear()
+        scales.clear()
+        model = seeded(small_bn_net)
+        trainer = Trainer(
+            model=ComposerClassifier(model, num_classes=NUM_CLASSES, loss_fn=loss_fn),
+            train_dataloader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+            optimizers=sgd(model.parameters()), max_duration=f"{batches}ba",
+            algorithms=[ZSharpAlgorithm(interval=2)], callbacks=[Watch()], device="gpu", precision="amp_fp16",
+            progress_bar=False, log_to_console=False, seed=0,
+        )
+        trainer.fit()
+        return model, trainer
+
+    model, trainer = run()
+    assert isinstance(trainer.state.scaler, ClosureGradScaler)
+    reference = seeded(small_bn_net).cuda()
+    opt, scaler = ZSharp(sgd(reference.parameters()), model=reference, interval=2), CoreScaler()
+    for i in range(batches):
+        j = i % (len(x) // batch_size)
+        xb, yb = x[j * batch_size : (j + 1) * batch_size].cuda(), y[j * batch_size : (j + 1) * batch_size].cuda()
+
+        def closure():
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.cross_entropy(reference(xb), yb)
+            scaler.scale(loss).backward()
+            return loss
+
+        opt.step_count = i  # the trainer's phase counts batches, skipped (overflowed) ones included
+        scaler.step(opt, closure)
+        scaler.update()
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+    bomb["batch"] = 3  # a sharpness step (interval 2): its second pass overflows
+    run()
+    assert_same_tensors(snapshots[3], snapshots[2])
+    assert any(not torch.equal(snapshots[4][k], snapshots[3][k]) for k in snapshots[3])
+    assert scales[3] == scales[2] / 2  # backed off (scaler.update() runs before BATCH_END)
+
+
+# --------------------------------------------------------------------------- YAML runs
+@pytest.mark.parametrize(
+    "config, model_overrides",
+    [("resnet18_zsharp.yaml", []), ("vit_tiny_zsharp_paper.yaml", ["model.kwargs.depth=2"])],  # 2 of 12 blocks
+    ids=["resnet18", "vit_tiny"],
+)
+def test_yaml_run_trains_timm_model(config, model_overrides):
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    train = load_train_script()
+    path = str(ROOT / "yamls" / "composer" / config)
+    overrides = [
+        "trainer.max_duration=2ba", "trainer.log_to_console=false", "trainer.eval_interval=2ba",
+        "scheduler={name: constant}",  # the configs warm up from lr 0 over the first epoch
+        "data.batch_size=8", "data.train_subset=16", "data.test_subset=8", *model_overrides,
+    ]
+    cfg = train.load_config(path, overrides)
+    torch.manual_seed(cfg["seed"])
+    initial = dict(train.build_model(cfg["model"], 10).named_parameters())  # what build_trainer starts from
+    trainer = train.main(["--config", path, *overrides])
+
+    assert int(trainer.state.timestamp.batch) == 2
+    assert [type(a).__name__ for a in trainer.state.algorithms] == ["ZSharpAlgorithm"]
+    assert math.isfinite(trainer.state.total_loss_dict["loss/train/total"])
+    assert 0.0 <= trainer.state.eval_metric_values["MulticlassAccuracy"] <= 1.0
+    final = dict(trainer.state.model.named_parameters())
+    assert final.keys() == initial.keys()
+    assert all(torch.isfinite(p).all() for p in final.values())
+    changed = [k for k in initial if not torch.equal(initial[k], final[k])]
+    assert len(changed) >= len(initial) // 2, f"only {len(changed)} of {len(initial)} parameters were trained"

@@ -1,0 +1,316 @@
+"""``zsharp_algos.hf``: ``--optim sam/zsharp`` (classes and launcher), the two-pass Trainer step
+and the single-pass callbacks; checked against plain-PyTorch math (``two_pass_reference``)."""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import HfArgumentParser, TrainerCallback  # noqa: E402
+
+import zsharp_algos.hf as zhf  # noqa: E402
+from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos.hf.launch import main as launch_main  # noqa: E402
+
+from reference import sam_perturbation, zsharp_global_perturbation  # noqa: E402
+from two_pass_reference import (  # noqa: E402
+    Points,
+    Recorder,
+    accumulated_step,
+    apply_gradient,
+    assert_same,
+    data_parallel_step,
+    lookahead_run,
+    mlp,
+    two_pass_gradient,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "integrations" / "hf" / "train_digits.py"
+
+
+def live_transformers():
+    """The ``transformers`` module a script importing it now gets (transformers re-executes its
+    ``__init__`` while importing the Trainer, so ``sys.modules`` may hold a newer object than an
+    earlier ``import transformers``)."""
+    return sys.modules["transformers"]
+
+
+def arguments(tmp_path, cls=None, **kw):
+    settings = dict(
+        output_dir=str(tmp_path), learning_rate=0.1, per_device_train_batch_size=8, max_steps=2,
+        lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="no", disable_tqdm=True, seed=0, optim_args="momentum=0.9",
+    )
+    settings.update(kw)
+    return (cls or zhf.TrainingArguments)(**settings)
+
+
+def train(args, model, trainer_cls=None, **kw):
+    trainer = (trainer_cls or zhf.Trainer)(model=model, args=args, train_dataset=Points(), **kw)
+    trainer.train()
+    return trainer
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+# --------------------------------------------------------------------------- --optim
+def test_optim_parses_and_a_typo_is_rejected_listing_the_choices(tmp_path, capsys):
+    parser = HfArgumentParser(zhf.TrainingArguments)
+    args, = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--optim", "zsharp", "--base_optim", "sgd", "--rho", "0.2",
+        "--percentile", "80", "--scope", "tensor", "--interval", "2", "--adaptive",
+    ])
+    got = (args.optim.value, args.base_optim.value, args.rho, args.percentile, args.scope, args.interval, args.adaptive)
+    assert got == ("zsharp", "sgd", 0.2, 80.0, "tensor", 2, True)
+    args, = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "sam"])
+    assert args.optim == "sam" and args.to_dict()["optim"] == "sam"
+    assert zhf.TrainingArguments(output_dir=str(tmp_path)).optim == transformers.TrainingArguments.default_optim
+
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "zsharpp"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'zsharpp'" in err and "'zsharp'" in err and "'sam'" in err and "'adamw_torch'" in err
+    with pytest.raises(ValueError, match=r"zsharpp is not a valid .*'sam', 'zsharp'"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharpp")
+    with pytest.raises(ValueError, match="not a valid OptimizerNames"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", base_optim="sgdd")
+    with pytest.raises(ValueError, match="percentile"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", percentile=100)
+    with pytest.raises(ValueError, match="FSDP"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", fsdp=True)
+    with zhf.patched_transformers():  # what the launcher does: Seq2Seq arguments too
+        args, = HfArgumentParser(live_transformers().Seq2SeqTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "sam", "--base_optim", "sgd"])
+        assert isinstance(args, zhf.Seq2SeqTrainingArguments) and args.optim == "sam"
+        assert live_transformers().trainer.Trainer is zhf.Trainer
+    assert live_transformers().Seq2SeqTrainingArguments is not zhf.Seq2SeqTrainingArguments
+
+
+def test_launcher_runs_an_unmodified_script_with_two_pass_training(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    original = live_transformers().Trainer, live_transformers().TrainingArguments
+    common = [str(EXAMPLE), "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "16",
+              "--train_subset", "64", "--widths", "8,16", "--report_to", "none", "--save_strategy", "no",
+              "--use_cpu", "--logging_steps", "1", "--disable_tqdm", "true"]
+    launch_main(common + ["--optim", "zsharp", "--base_optim", "sgd", "--rho", "0.1"])
+    out = capsys.readouterr().out
+    assert "sharpness/loss_gap" in out and "eval_accuracy" in out  # two passes ran, the script finished
+    assert (live_transformers().Trainer, live_transformers().TrainingArguments) == original  # put back afterwards
+    assert original[0] is not zhf.Trainer
+    with pytest.raises(SystemExit):
+        launch_main(common + ["--optim", "zsharpp"])
+    assert "invalid choice: 'zsharpp'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the two-pass step
+@pytest.mark.parametrize("name,clip", [("zsharp", None), ("sam", None), ("zsharp", 0.05)])
+def test_one_trainer_step_equals_the_core_closure_step(tmp_path, name, clip):
+    """Bitwise; with clipping (small enough to act: once, on the second pass's gradient) up to
+    the rounding of the two clipping implementations' norms."""
+    model = Recorder(mlp())
+    ref = copy.deepcopy(model)
+    trainer = train(arguments(tmp_path, optim=name, base_optim="sgd", rho=0.1, max_steps=1, max_grad_norm=clip or 0.0),
+                    model)
+    (x, y), _ = model.seen  # one batch, two passes
+    # the same parameter groups as the Trainer's (weight decay split): same order in every norm
+    decay = trainer.get_decay_parameter_names(ref)
+    groups = [[p for n, p in ref.named_parameters() if (n in decay) == wanted] for wanted in (True, False)]
+    base = torch.optim.SGD([{"params": g} for g in groups], lr=0.1, momentum=0.9)
+    core = (ZSharp if name == "zsharp" else SAM)(base, rho=0.1, model=ref, max_grad_norm=clip)
+
+    def closure():
+        core.zero_grad()
+        loss = ref(x, y)["loss"]
+        loss.backward()
+        return loss
+
+    core.step(closure)
+    assert_same(model.body.state_dict(), ref.body.state_dict(), exact=clip is None, rtol=1e-6, atol=1e-9)
+
+
+def test_a_sharpness_optimizer_instance_passed_to_the_trainer_runs_two_pass(tmp_path):
+    model, by_flag = Recorder(mlp()), Recorder(mlp())
+    optimizer = SAM(sgd(model), rho=0.1)
+    train(arguments(tmp_path / "a", optim="sgd"), model, optimizers=(optimizer, None))
+    train(arguments(tmp_path / "b", optim="sam", base_optim="sgd", rho=0.1), by_flag)
+    assert len(model.seen) == 4  # two steps, two passes each
+    assert_same(model.body.state_dict(), by_flag.body.state_dict(), exact=False)  # one vs two param groups
+
+
+def test_gradient_accumulation_2_perturbs_each_micro_batch_by_its_own_gradient(tmp_path):
+    model = Recorder(mlp())
+    ref = copy.deepcopy(model.body)
+    trainer = train(arguments(tmp_path, optim="sam", base_optim="sgd", rho=0.2, gradient_accumulation_steps=2), model)
+    assert trainer.state.global_step == 2 and len(model.seen) == 8  # 2 steps x 2 micro-batches x 2 passes
+    micro = model.seen[0::2]
+    opt = sgd(ref)
+    for k in (0, 2):
+        accumulated_step(ref, micro[k:k + 2], functools.partial(sam_perturbation, rho=0.2), opt)
+    assert_same(model.body.state_dict(), ref.state_dict(), exact=False)
+
+
+def test_bf16_autocast_step_matches_the_math(tmp_path):
+    model = Recorder(mlp(bn=False))
+    ref = copy.deepcopy(model.body)
+    train(arguments(tmp_path, optim="zsharp", base_optim="sgd", rho=0.2, bf16=True), model)
+    opt = sgd(ref)
+
+    def loss_fn(m, x, y):  # the Trainer autocasts the model's forward, loss included
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(m(x), y)
+
+    for x, y in model.seen[0::2]:
+        grads = two_pass_gradient(ref, functools.partial(loss_fn, x=x, y=y),
+                                  lambda params, grads: zsharp_global_perturbation(grads, rho=0.2))
+        apply_gradient(ref, grads, opt)
+    assert_same(model.body.state_dict(), ref.state_dict(), exact=False, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "zsharp"])
+def test_checkpoint_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, optim):
+    """Stock SGD first (transformers' own resume is bitwise here), then ZSharp with interval 2
+    resumed at step 1: step 2 is a sharpness step only if the interval counter was saved."""
+    settings = dict(optim=optim, base_optim="sgd", rho=0.2, interval=2, max_steps=3, save_strategy="steps",
+                    save_steps=1)
+    full = Recorder(mlp())
+    resumed = copy.deepcopy(full)
+    train(arguments(tmp_path / "full", **settings), full)
+    trainer = zhf.Trainer(model=resumed, args=arguments(tmp_path / "full", **settings), train_dataset=Points())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    assert trainer.state.global_step == 3
+    assert len(resumed.seen) == (3 if optim == "zsharp" else 2)  # steps 2 (two passes) and 3 (one)
+    assert_same(resumed.body.state_dict(), full.body.state_dict())
+
+
+def test_fp16_overflow_in_the_first_pass_skips_the_step_with_clean_weights(tmp_path):
+    """CPU fp16: accelerate has no CPU loss scaler, so the Trainer's Accelerator gets torch's."""
+    model = Recorder(mlp())
+    model.inject_inf_at = {0}  # first pass of step 1
+    start = copy.deepcopy(model.body.state_dict())
+    trainer = zhf.Trainer(model=model, args=arguments(tmp_path, optim="zsharp", base_optim="sgd", max_steps=2),
+                          train_dataset=Points())
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    steps = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            steps.append((optimizer.step_was_skipped, copy.deepcopy(model.body.state_dict()),
+                          trainer.lr_scheduler.scheduler.last_epoch if hasattr(trainer.lr_scheduler, "scheduler")
+                          else trainer.lr_scheduler.last_epoch))
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    (skipped, after_1, epoch_1), (skipped_2, after_2, _) = steps
+    assert skipped and not skipped_2
+    assert trainer.accelerator.scaler.get_scale() == 2.0**9
+    weights = lambda sd: {k: v for k, v in sd.items() if "running" not in k and "num_batches" not in k}  # noqa: E731
+    assert_same(weights(after_1), weights(start))  # unperturbed, unstepped
+    assert epoch_1 == 0  # the scheduler did not step on the skipped step
+    assert trainer.optimizer.optimizer.sharpness.step_count == 1  # only step 2 counted
+    assert any((a != b).any() for a, b in zip(weights(after_2).values(), weights(start).values()))
+
+
+# --------------------------------------------------------------------------- several processes
+WORKER = r'''
+"""An ordinary transformers script (no zsharp_algos import), run through the launcher."""
+import sys
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+sys.path.insert(0, sys.argv.pop(1))  # the tests folder
+from two_pass_reference import Points, Recorder, mlp
+
+args, = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+model = Recorder(mlp(bn=False))
+init = {k: v.clone() for k, v in model.body.state_dict().items()}
+trainer = Trainer(model=model, args=args, train_dataset=Points(n=64))
+trainer.train()
+torch.save({"init": init, "seen": model.seen, "final": model.body.state_dict(), "world": args.world_size},
+           f"{args.output_dir}/rank{args.process_index}.pt")
+'''
+
+
+def test_two_processes_via_torchrun_and_the_launcher_end_bitwise_equal(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "zsharp_algos.hf", str(script), str(Path(__file__).parent),
+           "--output_dir", str(tmp_path), "--optim", "zsharp", "--base_optim", "sgd", "--optim_args", "momentum=0.9",
+           "--rho", "0.5", "--learning_rate", "0.2", "--per_device_train_batch_size", "8", "--max_steps", "3",
+           "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--use_cpu", "--report_to", "none",
+           "--save_strategy", "no", "--disable_tqdm", "true"]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == 2
+    assert_same(r0["final"], r1["final"])
+
+    model = mlp(bn=False)
+    model.load_state_dict(r0["init"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.5)  # noqa: E731
+    for step in range(3):  # every rank perturbs with its own (unsynced) first-pass gradient
+        data_parallel_step(model, [r0["seen"][2 * step], r1["seen"][2 * step]], perturbation, opt)
+    assert_same(r0["final"], model.state_dict(), exact=False)
+
+
+# --------------------------------------------------------------------------- the callbacks
+def test_callback_restore_is_exact_for_evaluation_and_checkpoints(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = Recorder(mlp())
+    ref = copy.deepcopy(model.body)
+    seen_by = {}
+
+    class Spy(TrainerCallback):  # added after the SAM callback: sees what evaluation / saving see
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen_by[f"after step {state.global_step + 1}"] = copy.deepcopy(model.body.state_dict())
+
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            seen_by[f"evaluation {state.global_step}"] = copy.deepcopy(model.body.state_dict())
+
+    args = arguments(tmp_path, cls=transformers.TrainingArguments, optim="sgd", max_steps=3, eval_strategy="steps",
+                     eval_steps=2, save_strategy="steps", save_steps=2, per_device_eval_batch_size=16)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Points(), eval_dataset=Points(16, seed=2),
+                                   callbacks=[zhf.SAMCallback(rho=0.3), Spy()])
+    trainer.train()
+    assert_same(seen_by["evaluation 2"], seen_by["after step 2"])
+    saved = safetensors.load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert_same({k.removeprefix("body."): v for k, v in saved.items()}, seen_by["after step 2"])
+    assert any(k.startswith("sharpness/perturbation_norm") for log in trainer.state.log_history for k in log)
+
+    # the math: step t runs at w_t + e(g_{t-1}) and steps from w_t (training batches only)
+    lookahead_run(ref, model.seen[:3], functools.partial(sam_perturbation, rho=0.3), sgd(ref))
+    assert_same(model.body.state_dict(), ref.state_dict(), exact=False)
+
+
+def test_callback_is_passive_with_the_two_pass_trainer_and_refuses_fsdp(tmp_path):
+    with_callback, without = Recorder(mlp()), Recorder(mlp())
+    settings = dict(optim="zsharp", base_optim="sgd", rho=0.1)
+    train(arguments(tmp_path / "a", **settings), with_callback, callbacks=[zhf.ZSharpCallback(rho=0.1)])
+    train(arguments(tmp_path / "b", **settings), without)
+    assert_same(with_callback.body.state_dict(), without.body.state_dict())
+    with pytest.raises(ValueError, match="percentile"):
+        zhf.ZSharpCallback(percentile=0)
+
+    class FSDPArgs:
+        deepspeed, fsdp = None, ["full_shard"]
+
+    with pytest.raises(ValueError, match="FSDP"):
+        zhf.SAMCallback().on_init_end(FSDPArgs(), None, None)

@@ -1,0 +1,119 @@
+"""Two-pass sharpness-aware steps inside the Hugging Face ``Trainer``.
+
+:class:`Trainer` (and :class:`Seq2SeqTrainer`) are transformers' classes with
+:class:`TwoPassTrainerMixin` in front. With ``--optim sam`` / ``--optim zsharp``
+(:mod:`zsharp_algos.hf.arguments`), or with a :class:`~zsharp_algos.SAM` /
+:class:`~zsharp_algos.ZSharp` instance passed as ``optimizers=(optimizer, scheduler)``:
+
+* the optimizer is transformers' own ``--base_optim`` optimizer (same parameter groups, weight
+  decay split, ``--optim_args``) wrapped in the sharpness-aware optimizer and a
+  :class:`~zsharp_algos.two_pass.TwoPassOptimizer`;
+* ``training_step`` runs the stock ``training_step`` twice per micro-batch on sharpness steps:
+  first inside ``accelerator.no_sync(model)`` (forward included: no DDP all-reduce, each rank
+  perturbs with its own gradient), then, at the perturbed weights with BatchNorm statistics
+  frozen, through the stock path, so transformers' loss scaling for gradient accumulation, DDP
+  sync, fp16/bf16, clipping (``--max_grad_norm``, once, on the gradient the base optimizer
+  uses), scheduler-skip-on-overflow and loss logging work as for any optimizer; the weights are
+  restored by copy afterwards. See :mod:`zsharp_algos.two_pass` for the overflow handling;
+* the logs of training steps get ``sharpness/*`` statistics (:mod:`zsharp_algos.stats`),
+  averaged over processes.
+
+Checkpoints hold the base optimizer's state plus the interval counter (the optimizer's
+``state_dict``), so a resumed run continues exactly where transformers' own resume does.
+DeepSpeed and FSDP are refused at construction.
+
+Without a sharpness-aware optimizer the classes behave exactly as transformers' own.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from transformers import Seq2SeqTrainer as HFSeq2SeqTrainer
+from transformers import Trainer as HFTrainer
+
+from ..accelerate import mean_over_processes
+from ..optimizer import SharpnessAwareOptimizer
+from ..two_pass import TwoPassOptimizer
+from .arguments import (
+    base_optimizer_args,
+    build_sharpness_optimizer,
+    is_sharpness_optim,
+    sharpness_name,
+    unsupported_setup,
+)
+
+__all__ = ["TwoPassTrainerMixin", "Trainer", "Seq2SeqTrainer", "find_two_pass"]
+
+
+def find_two_pass(optimizer: Any) -> TwoPassOptimizer | None:
+    """The :class:`TwoPassOptimizer` in ``optimizer`` (possibly accelerate-wrapped), or None."""
+    inner = getattr(optimizer, "optimizer", None)
+    for candidate in (optimizer, inner):
+        if isinstance(candidate, TwoPassOptimizer):
+            return candidate
+    return None
+
+
+class TwoPassTrainerMixin:
+    """Sharpness-aware two-pass steps for a transformers ``Trainer`` class (mix in first)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.optimizer, SharpnessAwareOptimizer):
+            self.optimizer = TwoPassOptimizer(self.optimizer)
+        if is_sharpness_optim(self.args) or self.optimizer is not None and find_two_pass(self.optimizer):
+            what = unsupported_setup(self.args)
+            if what is None and getattr(self, "is_deepspeed_enabled", False):
+                what = "DeepSpeed"
+            if what is None and any(getattr(self, a, False) for a in ("is_fsdp_enabled", "is_fsdp_xla_enabled")):
+                what = "FSDP"
+            if what is not None:
+                raise ValueError(
+                    f"sharpness-aware training (SAM / ZSharp) does not support {what} yet; "
+                    "use DDP (torchrun / accelerate launch) instead"
+                )
+
+    # -------------------------------------------------------------- the optimizer
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, dict[str, Any]]:
+        """transformers' factory, for ``--base_optim`` when ``--optim`` is sam/zsharp."""
+        return HFTrainer.get_optimizer_cls_and_kwargs(base_optimizer_args(args), model)
+
+    def create_optimizer(self, model=None):
+        wrap = self.optimizer is None and is_sharpness_optim(self.args)
+        # transformers < 5 has no `model` argument here
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
+        if wrap:
+            sharpness = build_sharpness_optimizer(sharpness_name(self.args), optimizer, **self.args.sharpness_hparams())
+            self.optimizer = TwoPassOptimizer(sharpness)
+        return self.optimizer
+
+    # -------------------------------------------------------------- the step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        stock = super().training_step
+        two_pass = find_two_pass(self.optimizer)
+        if two_pass is None:
+            return stock(model, inputs, num_items_in_batch)
+        return two_pass.backward(
+            lambda: stock(model, inputs, num_items_in_batch),
+            model,
+            no_sync=functools.partial(self.accelerator.no_sync, model),
+            scaler=self.accelerator.scaler,
+        )
+
+    # -------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        two_pass = find_two_pass(self.optimizer)
+        if two_pass is not None and "loss" in logs and two_pass.stats.pending():
+            stats = mean_over_processes(self.accelerator, two_pass.stats.pop_tensors())
+            logs.update({k: round(v, 6) for k, v in stats.items()})
+        super().log(logs, *args, **kwargs)
+
+
+class Trainer(TwoPassTrainerMixin, HFTrainer):
+    """transformers' ``Trainer`` with two-pass SAM / ZSharp (see :mod:`zsharp_algos.hf.trainer`)."""
+
+
+class Seq2SeqTrainer(TwoPassTrainerMixin, HFSeq2SeqTrainer):
+    """transformers' ``Seq2SeqTrainer`` with two-pass SAM / ZSharp."""
