@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from common import base_parser, interleaved_medians, machine, print_table, setup, sync, write_json
-from peers import LoopSAM, Ours, SeedZSharp
+from peers import LoopSAM, Ours, SeedZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
 
@@ -42,19 +42,9 @@ def measure(subject, device, rounds, warmup):
     for name, make in METHODS.items():
         sync(device)
         base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        impl = make(params)
-
-        def unit(impl=impl):
-            for p, g in zip(params, grads):
-                p.grad = g
-            impl.first_step()
-            impl.second_step()
-            return 1
-
-        try:
-            unit()
-        except Exception as err:  # record the failure (torch.quantile's 2^24 cap), do not hide it
-            failures[name] = f"{type(err).__name__}: {str(err)[:80]}"
+        unit, failure = optimizer_only_unit(make(params), params, grads)
+        if failure:
+            failures[name] = failure
             continue
         if device.type == "cuda":
             sync(device)

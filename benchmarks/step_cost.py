@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common import base_parser, interleaved_medians, machine, print_table, setup, write_json
-from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp
+from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
 
@@ -87,17 +87,9 @@ def optimizer_only(base_model, device, rounds, warmup):
             failures[name] = f"not installed: {err}"
             continue
 
-        def unit(ps=ps, impl=impl):
-            for p, g in zip(ps, grads):
-                p.grad = g
-            impl.first_step()
-            impl.second_step()
-            return 1
-
-        try:
-            unit()
-        except Exception as err:  # record, do not hide (e.g. torch.quantile's size cap)
-            failures[name] = f"{type(err).__name__}: {err}"
+        unit, failure = optimizer_only_unit(impl, ps, grads)
+        if failure:
+            failures[name] = failure
             continue
         units[name] = unit
     return interleaved_medians(units, rounds, warmup, device), failures
