@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import __version__
 from ._optional import require
 
 __all__ = ["summarize", "format_table", "environment", "write_json", "require_plotting", "plot_curves"]
@@ -73,8 +74,6 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Library versions and a description of the machine, for the record."""
-    from . import __version__
-
     versions = {"python": platform.python_version(), "torch": torch.__version__, "zsharp_algos": __version__}
     for module in ("timm", "numpy", "sklearn", "matplotlib", "tqdm"):
         mod = sys.modules.get(module)
