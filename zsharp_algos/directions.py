@@ -220,7 +220,9 @@ class ZScoreDirection(Direction):
         threshold = _interpolate(values[0], values[1], weight)
         # A tensor whose largest |z| is under the global threshold would keep nothing: fallback.
         per_tensor = torch.where(torch.stack(z.max_abs) >= threshold, threshold, values[2:])
-        _, filtered_sq = _apply_mask(grads, params, z, list(range(len(grads))), per_tensor, torch.ge, adaptive)
+        _, filtered_sq = _mask_norms(
+            grads, params, z, list(range(len(grads))), per_tensor, torch.ge, adaptive, in_place=True
+        )
         coef = _coefficient(rho, filtered_sq.sum().sqrt(), eps)
         return [coef] * len(grads)
 
@@ -241,7 +243,7 @@ class ZScoreDirection(Direction):
         # First pass: is anything left after filtering? (needs the whole tensor before masking)
         plain_sq, _ = _mask_norms(grads, params, z, segs, thresholds, torch.gt, adaptive=False)
         keep_all = plain_sq == 0  # filtered gradient all zero: fall back to the raw gradient
-        _, weighted_sq = _apply_mask(grads, params, z, segs, thresholds, torch.gt, adaptive, keep_all)
+        _, weighted_sq = _mask_norms(grads, params, z, segs, thresholds, torch.gt, adaptive, keep_all, in_place=True)
         own = torch.where(keep_all, raw_coef, _coefficient(rho, weighted_sq.sqrt(), eps))
         for j, s in enumerate(segs):
             coefs[s] = own[j]
@@ -277,6 +279,3 @@ def _mask_norms(grads, params, z, segs, thresholds, keep, adaptive, keep_all=Non
                 weighted[j] += (kept * w[start : start + n].float()).square().sum()
     return plain, weighted
 
-
-def _apply_mask(grads, params, z, segs, thresholds, keep, adaptive, keep_all=None):
-    return _mask_norms(grads, params, z, segs, thresholds, keep, adaptive, keep_all, in_place=True)

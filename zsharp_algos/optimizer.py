@@ -216,13 +216,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         may change between steps without reallocation)."""
         if any(p not in self._backup for p in params):
             trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-            trainable += [p for p in params if p not in set(trainable)]
+            known = set(trainable)
+            trainable += [p for p in params if p not in known]
             self._backup = {}
             for _, (ps,) in group_by_device_dtype(trainable):
                 flat = torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
                 offset = 0
                 for p in ps:
-                    # empty_like keeps p's memory format so _foreach_copy_ is a straight copy
+                    # the view takes p's strides (channels_last too): _foreach_copy_ is a straight copy
                     view = flat[offset : offset + p.numel()]
                     self._backup[p] = view.view(p.shape) if p.is_contiguous() else view.as_strided(p.shape, p.stride())
                     offset += p.numel()
