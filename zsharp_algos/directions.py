@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -60,8 +60,17 @@ class Direction:
     name = "base"
 
     def __call__(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: float, eps: float, adaptive: bool
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        *,
+        rho: float,
+        eps: float,
+        adaptive: bool,
+        storage: Tensor | None = None,
     ) -> list[Tensor]:
+        """``storage``: an optional flat float32 buffer with at least as many elements as
+        ``grads``, free to overwrite during the call (a direction may keep work there)."""
         raise NotImplementedError
 
 
@@ -117,23 +126,28 @@ def _coefficient(rho: float, norm: Tensor, eps: float) -> Tensor:
 class GradientDirection(Direction):
     """SAM: ascend along the gradient itself, scaled by its global norm."""
 
-    def __call__(self, params, grads, *, rho, eps, adaptive):
+    def __call__(self, params, grads, *, rho, eps, adaptive, storage=None):
         coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
         return [coef] * len(grads)
 
 
 # --------------------------------------------------------------------------- ZSharp
 class _ZScores:
-    """Per-tensor z-score statistics of the gradients, and |z| recomputed on demand.
+    """Per-tensor z-score statistics of the gradients, and their |z| streamed in chunks.
 
-    |z| is never stored for the whole model: each consumer streams it chunk by chunk through
-    :meth:`fill`, recomputing ``|(g - mean) / (std + 1e-8)|`` in float32 with the same
-    operations as the reference (so thresholds and masks match it bit for bit).
+    ``|z| = |(g - mean) / (std + 1e-8)|`` in float32, with the same operations as the
+    reference (so thresholds and masks match it bit for bit). With ``storage`` (a flat float32
+    buffer of at least as many elements as the gradients: the optimizer lends its weight-save
+    buffer, which is free until the weights are saved) |z| is computed once and read back as
+    views. Without it (non-float32 weights), each read recomputes |z| chunk by chunk into a small
+    scratch, so no model-sized temporary is ever made.
     """
 
-    def __init__(self, grads: Sequence[Tensor]):
+    def __init__(self, grads: Sequence[Tensor], storage: Tensor | None = None):
         self.flats = [flat_view(g) for g in grads]
         self.sizes = [f.numel() for f in self.flats]
+        self.device = self.flats[0].device
+        self.chunk = order_stats.chunk_size_for(self.device, sum(self.sizes))
         self.mean: list[Tensor | None] = []
         self.denom: list[Tensor | None] = []
         self.max_abs: list[Tensor] = []
@@ -151,13 +165,48 @@ class _ZScores:
             self.max_abs.append(torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs()))
             self.mean.append(mean)
             self.denom.append(denom)
+        self.stored: list[Tensor] | None = None  # per tensor |z|, views of ``joined``
+        self.joined = storage[: sum(self.sizes)] if storage is not None else None
+        if storage is not None:
+            self.stored, offset = [], 0
+            for seg, n in enumerate(self.sizes):
+                self.stored.append(storage[offset : offset + n])
+                offset += n
+                self._compute(seg, 0, n, self.stored[-1])
+        else:
+            self._scratch = torch.empty(min(self.chunk, max(self.sizes)), dtype=torch.float32, device=self.device)
 
-    def fill(self, seg: int, start: int, n: int, out: Tensor) -> None:
+    def _compute(self, seg: int, start: int, n: int, out: Tensor) -> None:
         if self.mean[seg] is None:
             out.zero_()
             return
-        out.copy_(self.flats[seg][start : start + n])
-        out.sub_(self.mean[seg]).div_(self.denom[seg]).abs_()
+        g = self.flats[seg][start : start + n]
+        if g.dtype == torch.float32:
+            torch.sub(g, self.mean[seg], out=out)
+        else:
+            out.copy_(g).sub_(self.mean[seg])
+        out.div_(self.denom[seg]).abs_()
+
+    def chunks(self, seg: int, max_len: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """``(start, |z|[start:start+n])`` for the chunks of tensor ``seg``: stored |z| comes as
+        views of at most ``max_len`` elements (default: the whole tensor, fewest kernel calls),
+        recomputed |z| in scratch-sized chunks. A consumer may overwrite a chunk once done with
+        it only if nothing reads |z| of that tensor again."""
+        if self.stored is not None:
+            for start, n in chunk_ranges(self.sizes[seg], max_len or self.sizes[seg]):
+                yield start, self.stored[seg][start : start + n]
+            return
+        for start, n in chunk_ranges(self.sizes[seg], self.chunk):
+            self._compute(seg, start, n, self._scratch[:n])
+            yield start, self._scratch[:n]
+
+    def values(self, seg: int) -> Iterator[Tensor]:
+        """The chunks of tensor ``seg`` without their offsets (:data:`order_stats.ChunksFn`)."""
+        return (v for _, v in self.chunks(seg))
+
+    def select(self, queries: Sequence[tuple[int, int]]) -> Tensor:
+        """Exact order statistics of |z| (see :func:`order_stats.select`)."""
+        return order_stats.select(self.sizes, self.values, queries, self.device, self.joined)
 
 
 def linear_rank(q: float, n: int) -> tuple[int, int, float]:
@@ -198,36 +247,46 @@ class ZScoreDirection(Direction):
         self.percentile = float(percentile)
         self.scope = scope
 
-    def __call__(self, params, grads, *, rho, eps, adaptive):
+    def __call__(self, params, grads, *, rho, eps, adaptive, storage=None):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise ValueError(
                 f"ZSharp computes z-score thresholds over tensors on one device, got {sorted(map(str, devices))}"
             )
-        device = devices.pop()
-        z = _ZScores(grads)
+        z = _ZScores(grads, storage)
         if self.scope == "global":
-            return self._global(params, grads, z, device, rho, eps, adaptive)
-        return self._per_tensor(params, grads, z, device, rho, eps, adaptive)
+            return self._global(params, grads, z, rho, eps, adaptive)
+        return self._per_tensor(params, grads, z, rho, eps, adaptive)
 
     # -- scope="global": seed README behaviour
-    def _global(self, params, grads, z, device, rho, eps, adaptive):
+    def _global(self, params, grads, z, rho, eps, adaptive):
         lo, hi, weight = linear_rank(self.percentile / 100.0, sum(z.sizes))
         queries = [(order_stats.GLOBAL, lo), (order_stats.GLOBAL, hi)]
         # Rank of each tensor's top-20% boundary: its k-th largest value, k = max(1, floor(0.2 n)).
-        queries += [(s, n - max(1, int(FALLBACK_FRACTION * n))) for s, n in enumerate(z.sizes)]
-        values = order_stats.select(z.sizes, z.fill, queries, device)
-        threshold = _interpolate(values[0], values[1], weight)
+        fallback_queries = [(s, n - max(1, int(FALLBACK_FRACTION * n))) for s, n in enumerate(z.sizes)]
+        max_abs = torch.stack(z.max_abs)
+        if order_stats.reads_host(z.device):
+            # Where small results can be read for free, find the threshold first and then the
+            # fallback ranks of only the tensors that need one (usually none).
+            values = z.select(queries)
+            threshold = _interpolate(values[0], values[1], weight)
+            short = (~(max_abs >= threshold)).nonzero()[:, 0].tolist()
+            fallback = threshold.expand(len(z.sizes)).clone()
+            if short:
+                fallback[short] = z.select([fallback_queries[s] for s in short])
+        else:  # one fixed-shape pass for every query: nothing waits for the device
+            values = z.select(queries + fallback_queries)
+            threshold = _interpolate(values[0], values[1], weight)
+            fallback = values[2:]
         # A tensor whose largest |z| is under the global threshold would keep nothing: fallback.
-        per_tensor = torch.where(torch.stack(z.max_abs) >= threshold, threshold, values[2:])
-        _, filtered_sq = _mask_norms(
-            grads, params, z, list(range(len(grads))), per_tensor, torch.ge, adaptive, in_place=True
-        )
-        coef = _coefficient(rho, filtered_sq.sum().sqrt(), eps)
+        per_tensor = torch.where(max_abs >= threshold, threshold, fallback)
+        segs = list(range(len(grads)))
+        _apply_masks(z, segs, per_tensor, Tensor.ge_)
+        coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
         return [coef] * len(grads)
 
     # -- scope="tensor": the paper's official behaviour
-    def _per_tensor(self, params, grads, z, device, rho, eps, adaptive):
+    def _per_tensor(self, params, grads, z, rho, eps, adaptive):
         raw_coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
         coefs = [raw_coef] * len(grads)
         segs = [s for s, g in enumerate(grads) if g.dim() > 1]
@@ -238,44 +297,39 @@ class ZScoreDirection(Direction):
             lo, hi, weight = linear_rank(self.percentile / 100.0, z.sizes[s])
             queries += [(s, lo), (s, hi)]
             weights.append(weight)
-        values = order_stats.select(z.sizes, z.fill, queries, device)
+        values = z.select(queries)
         thresholds = torch.stack([_interpolate(values[2 * j], values[2 * j + 1], w) for j, w in enumerate(weights)])
-        # First pass: is anything left after filtering? (needs the whole tensor before masking)
-        plain_sq, _ = _mask_norms(grads, params, z, segs, thresholds, torch.gt, adaptive=False)
-        keep_all = plain_sq == 0  # filtered gradient all zero: fall back to the raw gradient
-        _, weighted_sq = _mask_norms(grads, params, z, segs, thresholds, torch.gt, adaptive, keep_all, in_place=True)
-        own = torch.where(keep_all, raw_coef, _coefficient(rho, weighted_sq.sqrt(), eps))
+        # Is anything left after filtering? Needs the whole tensor before it is masked in place.
+        keep_all = _kept_square_norms(z, segs, thresholds) == 0  # all filtered out: raw gradient
+        _apply_masks(z, segs, thresholds, Tensor.gt_, keep_all.float())
+        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], adaptive)
+        own = torch.where(keep_all, raw_coef, _coefficient(rho, torch.stack(own_norms), eps))
         for j, s in enumerate(segs):
             coefs[s] = own[j]
         return coefs
 
 
-def _mask_norms(grads, params, z, segs, thresholds, keep, adaptive, keep_all=None, in_place=False):
-    """Stream |z| through each tensor in ``segs``; with ``m = keep(|z|, threshold) | keep_all``,
-    return per-segment squared norms of ``g*m`` and of ``T*g*m``, writing ``g*m`` into the
-    gradient when ``in_place``."""
-    device = grads[0].device
-    plain = torch.zeros(len(segs), dtype=torch.float32, device=device)
-    weighted = torch.zeros(len(segs), dtype=torch.float32, device=device) if adaptive else plain
-    chunk = order_stats.chunk_size_for(device, sum(z.sizes))
-    scratch = torch.empty(min(chunk, max(z.sizes[s] for s in segs)), dtype=torch.float32, device=device)
+def _apply_masks(z: _ZScores, segs, thresholds: Tensor, keep, keep_all: Tensor | None = None) -> None:
+    """``g <- g * m`` in place for each tensor in ``segs``, with ``m = keep(|z|, threshold)``
+    (or all ones where ``keep_all``). The 0/1 mask is written over |z| (not read again) so the
+    multiply is a float one, several times faster than by a bool mask on CPUs."""
     for j, s in enumerate(segs):
         g = z.flats[s]
-        w = flat_view(params[s].detach()) if adaptive else None
-        for start, n in chunk_ranges(z.sizes[s], chunk):
-            absz = scratch[:n]
-            z.fill(s, start, n, absz)
+        for start, absz in z.chunks(s):
             mask = keep(absz, thresholds[j])
             if keep_all is not None:
-                mask |= keep_all[j]
-            gc = g[start : start + n]
-            if in_place:
-                gc.mul_(mask)
-                kept = gc.float()
-            else:
-                kept = gc.float() * mask
-            plain[j] += kept.square().sum()
-            if adaptive:
-                weighted[j] += (kept * w[start : start + n].float()).square().sum()
-    return plain, weighted
+                mask.clamp_(min=keep_all[j])
+            g[start : start + absz.numel()].mul_(mask)
 
+
+def _kept_square_norms(z: _ZScores, segs, thresholds: Tensor) -> Tensor:
+    """``||g * (|z| > threshold)||^2`` for each tensor in ``segs``, leaving |z| intact."""
+    out = torch.zeros(len(segs), dtype=torch.float32, device=z.device)
+    scratch = torch.empty(min(z.chunk, max(z.sizes[s] for s in segs)), dtype=torch.float32, device=z.device)
+    for j, s in enumerate(segs):
+        g = z.flats[s]
+        for start, absz in z.chunks(s, max_len=z.chunk):
+            kept = torch.gt(absz, thresholds[j], out=scratch[: absz.numel()])
+            kept.mul_(g[start : start + absz.numel()])
+            out[j] += torch.linalg.vector_norm(kept).square()
+    return out

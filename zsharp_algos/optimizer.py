@@ -99,6 +99,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # for overflow are not counted; frameworks with their own step counter set it from that.
         self.step_count = 0
         self._backup: dict[Tensor, Tensor] = {}  # param -> saved weights (views of flat buffers)
+        self._flat_backups: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # the flat buffers
         self._perturbed: list[Tensor] = []
         # Share param_groups and state with the base: LR schedulers, grad clipping and
         # framework code that inspects the optimizer see (and change) the base's. The base's
@@ -131,7 +132,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if loss is None:
             return None
         if sharp:
-            self.first_step(zero_grad=True)
+            self.first_step(zero_grad=False)
+            # Free the gradients rather than zero-filling them: the second backward then
+            # starts from nothing whether or not the closure zeroes them.
+            self.zero_grad(set_to_none=True)
             try:
                 with frozen_norm_stats(self.model) if self.model is not None else nullcontext():
                     second = closure()
@@ -150,8 +154,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice without second_step() or restore() in between")
         params, grads = self._params_with_grad()
         if params:
-            coefs = self.direction(params, grads, rho=self.rho, eps=self.eps, adaptive=self.adaptive)
-            self._perturb(params, grads, coefs)
+            backups = self._backup_buffers(params)
+            # Until the weights are saved, the float32 save buffer is free working memory.
+            storage = self._flat_backups.get((grads[0].device, torch.float32))
+            if storage is not None and storage.numel() < sum(g.numel() for g in grads):
+                storage = None
+            coefs = self.direction(params, grads, rho=self.rho, eps=self.eps, adaptive=self.adaptive, storage=storage)
+            self._perturb(params, grads, coefs, backups)
         if zero_grad:
             self.zero_grad(set_to_none=False)
 
@@ -194,9 +203,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 grads.append(p.grad)
         return params, grads
 
-    def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor]) -> None:
+    def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor], backups: list[Tensor]) -> None:
         """grads <- c * T^2 * d, save w, w <- w + grads; multi-tensor kernels per device/dtype."""
-        backups = self._backup_buffers(params)
         for idx, (ps, gs, bs) in group_by_device_dtype(params, grads, backups):
             if self.adaptive:
                 torch._foreach_mul_(gs, ps)
@@ -218,9 +226,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             known = set(trainable)
             trainable += [p for p in params if p not in known]
-            self._backup = {}
+            self._backup, self._flat_backups = {}, {}
             for _, (ps,) in group_by_device_dtype(trainable):
                 flat = torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+                self._flat_backups[(flat.device, flat.dtype)] = flat
                 offset = 0
                 for p in ps:
                     # the view takes p's strides (channels_last too): _foreach_copy_ is a straight copy

@@ -1,34 +1,53 @@
-"""Exact order statistics of |z|-scores over many tensors, without a size cap or a host sync.
+"""Exact order statistics of |z|-scores over many tensors, without a size cap.
 
 ZSharp needs the q-th percentile of |z| over a whole model (86M entries for ViT-B/16) or over
 each tensor. ``torch.quantile`` refuses more than 2^24 elements and ``torch.sort`` /
-``torch.kthvalue`` copy the input plus int64 indices (3x its bytes). Instead we run an MSD
-radix select on the IEEE-754 bit pattern: for non-negative float32 values the int32 view is
-ordered like the values, so the k-th smallest value is found digit by digit with histograms
-(11 + 10 + 10 bits over the 31 non-sign bits). Every step is a fixed-shape tensor op:
+``torch.kthvalue`` copy the input plus int64 indices (3x its bytes). Instead we run a
+most-significant-digit radix select on the IEEE-754 bit pattern: for non-negative float32 values
+the int32 view is ordered like the values, so the k-th smallest value is found digit by digit
+with histograms. Two strategies, both exact:
 
-* no ``.item()`` or data-dependent shapes, so nothing waits for the device;
-* the values are streamed in chunks through a small scratch space and never materialised
-  as one model-sized tensor, so transient memory is O(chunk + queries x 2048).
+* **CPU** (:func:`_select_by_halves`): two rounds of 16 bits. The digits are the two int16 halves
+  of each value, read through zero-copy views, so a round is one ``bincount`` (round 1) or one
+  compare + ``masked_select`` + ``bincount`` of the few values left in the chosen bin (round 2).
+  It reads the chosen bins on the host: on the CPU that is a memory load, not a device sync.
+* **accelerators** (:func:`_select_by_radix`): three fixed-shape rounds (11 + 10 + 10 bits)
+  counted with ``histc`` (per-block shared memory), no data-dependent shape and no host read,
+  so nothing waits for the device.
 
-The values themselves are produced by a callback (``fill_abs_z``) so that callers can recompute
-them on the fly from gradients instead of storing them.
+Values arrive as a stream of chunks (a callback, see :data:`ChunksFn`): views of a stored |z|
+buffer, or |z| recomputed into a small scratch, so transient memory stays O(chunk).
 """
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["GLOBAL", "chunk_size_for", "select"]
+__all__ = ["GLOBAL", "chunk_size_for", "reads_host", "select"]
 
 #: Query row meaning "all segments together" rather than one segment.
 GLOBAL = -1
 
-# (shift, bits) of each radix round over the 31 value bits of a non-negative float32.
+# Accelerator strategy: (shift, bits) of each radix round over the 31 value bits.
 _ROUNDS = ((20, 11), (10, 10), (0, 10))
+# CPU strategy: positions of the high and low int16 halves of a float32 in memory.
+_HIGH = 1 if sys.byteorder == "little" else 0
+_HIGH_BINS = 1 << 15  # the sign bit of |z| is 0: the high half is in [0, 2^15)
+_LOW_BINS = 1 << 16
+
+ChunksFn = Callable[[int], Iterable[Tensor]]
+"""``chunks(segment)`` yields 1-D float32 tensors that together hold the segment's values in
+order (each may be a view of stored values or a scratch buffer refilled between yields)."""
+
+
+def reads_host(device: torch.device) -> bool:
+    """Whether selection on ``device`` may read small results on the host (true on the CPU,
+    where that is a memory load; on accelerators it would stall the stream)."""
+    return device.type == "cpu"
 
 
 def chunk_size_for(device: torch.device, total: int) -> int:
@@ -45,48 +64,122 @@ def chunk_size_for(device: torch.device, total: int) -> int:
     return chunk
 
 
-FillFn = Callable[[int, int, int, Tensor], None]
-"""``fill(segment, start, length, out)`` writes the float32 values ``[start, start+length)`` of
-``segment`` into ``out`` (a 1-D float32 tensor of ``length`` elements)."""
-
-
 def select(
     sizes: Sequence[int],
-    fill: FillFn,
+    chunks: ChunksFn,
     queries: Sequence[tuple[int, int]],
     device: torch.device,
+    joined: Tensor | None = None,
 ) -> Tensor:
     """Exact order statistics of non-negative float32 values split into segments.
 
     Args:
         sizes: number of values in each segment.
-        fill: callback producing the values of a segment chunk (see :data:`FillFn`).
+        chunks: the values of a segment, as a stream of chunks (see :data:`ChunksFn`).
         queries: ``(segment, rank)`` pairs; ``segment`` is an index into ``sizes`` or
             :data:`GLOBAL` for all segments together, ``rank`` the 0-based position in
             ascending order (``0 <= rank < size``).
         device: where the values live.
+        joined: optional 1-D tensor holding every segment's values back to back, in segment
+            order (when they are stored that way): queries over all segments then read it in
+            one kernel call per round instead of one per segment.
 
     Returns:
         float32 tensor with one value per query. NaN sorts above +inf (it is never selected
         unless asked for a rank among the NaNs), matching the bit order.
     """
-    n_seg, n_q = len(sizes), len(queries)
     for seg, rank in queries:
         size = sum(sizes) if seg == GLOBAL else sizes[seg]
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} out of range for a segment of {size} values")
-    chunk = chunk_size_for(device, sum(sizes))
-    scratch = torch.empty(min(chunk, max(sizes, default=1)), dtype=torch.float32, device=device)
+    if not queries:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    if reads_host(device):
+        return _select_by_halves(len(sizes), chunks, queries, joined)
+    return _select_by_radix(len(sizes), chunks, queries, device)
+
+
+# --------------------------------------------------------------------------- CPU
+def _halves(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-copy int16 views of the high and low 16 bits of float32 ``values``."""
+    pairs = values.view(torch.int16)
+    return pairs[_HIGH::2], pairs[1 - _HIGH :: 2]
+
+
+def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], joined) -> Tensor:
+    rows = {s for s, _ in queries}
+    # Round 1: histogram of the high halves per queried segment, and over all for GLOBAL. A
+    # segment's histogram is resolved (bin + rank within it) as soon as it is complete.
+    high_bin: dict[int, int] = {}  # query index -> chosen high half
+    rank_in: dict[int, int] = {}  # query index -> rank among the values in that bin
+    total = None
+    if GLOBAL in rows:
+        total = _high_hist([joined]) if joined is not None else torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for seg in range(n_seg):
+        if seg not in rows and (total is None or joined is not None):
+            continue
+        hist = _high_hist(chunks(seg))
+        if total is not None and joined is None:
+            total += hist
+        if seg in rows:
+            _resolve(hist, seg, queries, high_bin, rank_in)
+    if total is not None:
+        _resolve(total, GLOBAL, queries, high_bin, rank_in)
+
+    # Round 2: histogram of the low halves of the values in each chosen (row, high bin).
+    low_hist: dict[tuple[int, int], Tensor] = {(s, high_bin[q]): None for q, (s, _) in enumerate(queries)}
+    global_bins = {b for (s, b) in low_hist if s == GLOBAL}
+    if joined is not None:
+        for b in global_bins:
+            low_hist[(GLOBAL, b)] = _low_hist(joined, b)
+        global_bins = set()
+    for seg in range(n_seg):
+        wanted = global_bins | {b for (s, b) in low_hist if s == seg}
+        for values in chunks(seg) if wanted else ():
+            for b in wanted:
+                hist = _low_hist(values, b)
+                for key in ((GLOBAL, b), (seg, b)):
+                    if key in low_hist and (key[0] == seg or b in global_bins):
+                        low_hist[key] = hist if low_hist[key] is None else low_hist[key] + hist
+    bits: list[int] = [0] * len(queries)
+    for (row, b), hist in low_hist.items():
+        mine = [q for q, (s, _) in enumerate(queries) if s == row and high_bin[q] == b]
+        low = torch.searchsorted(hist.cumsum(0), torch.tensor([rank_in[q] for q in mine]), right=True)
+        for q, d in zip(mine, low.tolist()):
+            bits[q] = (b << 16) | d
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _high_hist(chunks: Iterable[Tensor]) -> Tensor:
+    """Counts of the high halves (the top 16 bits) of the values."""
+    hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for values in chunks:
+        hist += torch.bincount(_halves(values)[0], minlength=_HIGH_BINS)
+    return hist
+
+
+def _low_hist(values: Tensor, high: int) -> Tensor:
+    """Counts of the low halves of the values whose high half is ``high``."""
+    high_half, low_half = _halves(values)
+    return torch.bincount(low_half[high_half == high].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
+
+
+def _resolve(hist: Tensor, row: int, queries, high_bin: dict[int, int], rank_in: dict[int, int]) -> None:
+    """For the queries on ``row``: the high bin holding their rank, and their rank inside it."""
+    mine = [q for q, (s, _) in enumerate(queries) if s == row]
+    cum = hist.cumsum(0)
+    digit = torch.searchsorted(cum, torch.tensor([queries[q][1] for q in mine]), right=True)
+    below = cum[digit] - hist[digit]
+    for q, d, n_below in zip(mine, digit.tolist(), below.tolist()):
+        high_bin[q], rank_in[q] = d, queries[q][1] - n_below
+
+
+# --------------------------------------------------------------------------- accelerators
+def _select_by_radix(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], device) -> Tensor:
+    n_q = len(queries)
     rank = _device_ints(tuple(r for _, r in queries), device)
     # Queries touching each segment (its own and the global ones): a static, host-side list.
     touching = [[q for q, (s, _) in enumerate(queries) if s in (seg, GLOBAL)] for seg in range(n_seg)]
-
-    def chunks(seg: int):
-        for start in range(0, sizes[seg], chunk):
-            n = min(chunk, sizes[seg] - start)
-            out = scratch[:n]
-            fill(seg, start, n, out)
-            yield out.view(torch.int32), n
 
     # Round 0: one histogram of the top digit per segment; the global one is their sum.
     shift, bits = _ROUNDS[0]
@@ -94,8 +187,8 @@ def select(
     for seg in range(n_seg):
         if not touching[seg]:
             continue
-        for keys, n in chunks(seg):
-            _count(per_seg[seg], keys >> shift, None)
+        for values in chunks(seg):
+            _count(per_seg[seg], values.view(torch.int32) >> shift, None)
     per_seg[n_seg] = per_seg[:n_seg].sum(0)
     rows = _device_ints(tuple(n_seg if s == GLOBAL else s for s, _ in queries), device)
     prefix, rank = _descend(per_seg[rows], rank)
@@ -107,7 +200,8 @@ def select(
         for seg in range(n_seg):
             if not touching[seg]:
                 continue
-            for keys, n in chunks(seg):
+            for values in chunks(seg):
+                keys = values.view(torch.int32)
                 digit = (keys >> shift) & digit_mask
                 high = keys >> (shift + bits)
                 for q in touching[seg]:
@@ -117,17 +211,13 @@ def select(
     return prefix.to(torch.int32).view(torch.float32)
 
 
-def _count(hist: Tensor, digits: Tensor, where: Tensor | None, shared_memory: bool | None = None) -> None:
+def _count(hist: Tensor, digits: Tensor, where: Tensor | None) -> None:
     """``hist[d] += #{i : digits[i] == d and where[i]}`` (int64 ``hist``), without a host sync.
 
-    CPU: ``scatter_add_`` (the fastest kernel there). Accelerators: ``histc`` on unit-wide bins,
-    which counts in per-block shared memory; global atomics (``scatter_add_``) serialise on the
-    few bins that hold most |z| values. Its float32 counts are exact: a chunk has < 2^24 values.
+    ``histc`` on unit-wide bins counts in per-block shared memory; global atomics
+    (``scatter_add_``) would serialise on the few bins that hold most |z| values. Its float32
+    counts are exact: a chunk has fewer than 2^24 values.
     """
-    if not (hist.device.type != "cpu" if shared_memory is None else shared_memory):
-        src = torch.ones_like(digits, dtype=torch.int64) if where is None else where.long()
-        hist.scatter_add_(0, digits.long(), src)
-        return
     values = digits.float() if where is None else torch.where(where, digits.float(), -1.0)
     hist += torch.histc(values, bins=hist.numel(), min=0, max=hist.numel()).long()
 
