@@ -57,12 +57,14 @@ def sync(device: torch.device) -> None:
 
 def interleaved_medians(units: dict[str, Callable[[], int]], rounds: int, warmup: int, device) -> dict[str, float]:
     """Run every unit once per round, in rotating order so drift and noise hit all alike; each
-    unit returns how many steps it took. Returns the median seconds per step of each unit."""
+    unit returns how many steps it took. A unit with a ``prepare`` attribute has it called,
+    untimed, right before each run. Returns the median seconds per step of each unit."""
     names = list(units)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            getattr(units[name], "prepare", lambda: None)()
             sync(device)
             start = time.perf_counter()
             steps = units[name]()

@@ -49,11 +49,12 @@ def measure(subject, device, rounds, warmup):
         if device.type == "cuda":
             sync(device)
             before = torch.cuda.memory_allocated(device)
+            unit.prepare()
             torch.cuda.reset_peak_memory_stats(device)
             unit()
             sync(device)
-            memory[name] = {
-                "persistent_x_params": (before - base_alloc) / param_bytes,
+            memory[name] = {  # the unit's own gradient buffers (param-sized) are not the optimizer's
+                "persistent_x_params": (before - base_alloc - param_bytes) / param_bytes,
                 "transient_peak_x_params": (torch.cuda.max_memory_allocated(device) - before) / param_bytes,
             }
         units[name] = unit

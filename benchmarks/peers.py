@@ -90,18 +90,26 @@ class Ours:
 
 
 def optimizer_only_unit(impl, params, grads):
-    """One timed unit: set the gradients, then the implementation's first and second step.
-    Returns ``(unit, failure)``: ``failure`` is the error of a first try (recorded by the
-    benchmarks, not hidden: e.g. ``torch.quantile``'s 2^24-element cap) or None."""
+    """One timed unit: the implementation's first and second step, on a fresh copy of ``grads``
+    set (untimed) by ``unit.prepare``: implementations may scale or mask the gradients in place,
+    and re-filtering those would time a different input. Returns ``(unit, failure)``:
+    ``failure`` is the error of a first try (recorded by the benchmarks, not hidden: e.g.
+    ``torch.quantile``'s 2^24-element cap) or None."""
+    buffers = [g.clone() for g in grads]
+
+    def prepare():
+        torch._foreach_copy_(buffers, grads)
+        for p, b in zip(params, buffers):
+            p.grad = b
 
     def unit():
-        for p, g in zip(params, grads):
-            p.grad = g
         impl.first_step()
         impl.second_step()
         return 1
 
+    unit.prepare = prepare
     try:
+        prepare()
         unit()
     except Exception as err:
         return unit, f"{type(err).__name__}: {str(err)[:80]}"

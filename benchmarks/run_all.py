@@ -27,12 +27,13 @@ def chart(out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     files = sorted(out.glob("step_cost_*.json"))
-    panels = [(f, key, model) for f in files for key, model in json.loads(f.read_text())["models"].items()]
+    panels = [(f, key, model) for f in files for key, model in json.loads(f.read_text())["models"].items()
+              if "sgd" in model["step_s"]]  # runs without the SGD baseline have no ratio to chart
     if not panels:
         return None
     fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
     for col, (f, key, model) in enumerate(panels):
-        device = f.stem.split("_")[-1]
+        device = json.loads(f.read_text())["machine"]["device"]
         steps, sgd = model["step_s"], model["step_s"]["sgd"]
         ax = axes[0][col]
         ax.bar(list(steps), [t / sgd for t in steps.values()], color="tab:blue")
@@ -64,6 +65,9 @@ def main() -> None:
     for device in devices:
         models = ["--models", "resnet18"] if args.quick else []
         run("step_cost.py", "--device", device, "--out", args.out, *models, *rounds)
+        if not args.quick:  # ViT-B/16 at 224: the ZSharp / SAM step target (minutes per step on a CPU)
+            run("step_cost.py", "--device", device, "--out", args.out, "--models", "vit_base_224",
+                "--methods", "sam,zsharp", "--rounds", "2" if device == "cpu" else "10", "--warmup", "1")
         subjects = ["--subjects", "resnet18"] if args.quick else []
         run("filter_scaling.py", "--device", device, "--out", args.out, *subjects, *rounds)
     path = chart(Path(args.out))

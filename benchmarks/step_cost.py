@@ -1,7 +1,9 @@
 """Full-step cost of SGD, SAM and ZSharp (scopes, intervals), and the optimizer-only part of ours
-against the peers, on timm resnet18 and a small ViT at CIFAR size (batch 64).
+against the peers, on timm resnet18 and a small ViT at CIFAR size (batch 64); ViT-B/16 at 224
+on request (its ZSharp / SAM step target).
 
     python benchmarks/step_cost.py --device cpu --threads 2
+    python benchmarks/step_cost.py --models vit_base_224 --methods sam,zsharp --rounds 2 --warmup 1
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
 
-MODELS = {
-    "resnet18": dict(name="resnet18"),
-    "vit_small_c32": dict(name="vit_small_patch16_224", img_size=32, patch_size=4),
+MODELS = {  # timm kwargs; "input": image side
+    "resnet18": dict(name="resnet18", input=32),
+    "vit_small_c32": dict(name="vit_small_patch16_224", img_size=32, patch_size=4, input=32),
+    "vit_base_224": dict(name="vit_base_patch16_224", input=224),
 }
+DEFAULT_MODELS = "resnet18,vit_small_c32"
 STEP_METHODS = {
     "sgd": None,
     "sam": dict(cls=SAM),
@@ -34,15 +38,17 @@ def build(spec, device):
     import timm
 
     spec = dict(spec)
+    spec.pop("input")
     torch.manual_seed(0)
     return timm.create_model(spec.pop("name"), num_classes=10, **spec).to(device)
 
 
-def full_steps(base_model, device, rounds, warmup):
-    x = torch.randn(64, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (64,), device=device)
+def full_steps(base_model, side, device, methods, batch, rounds, warmup):
+    x = torch.randn(batch, 3, side, side, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     units = {}
-    for name, spec in STEP_METHODS.items():
+    for name in methods:
+        spec = STEP_METHODS[name]
         model = copy.deepcopy(base_model)
         sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         if spec is None:
@@ -67,7 +73,7 @@ def full_steps(base_model, device, rounds, warmup):
     return interleaved_medians(units, rounds, warmup, device)
 
 
-def optimizer_only(base_model, device, rounds, warmup):
+def optimizer_only(base_model, device, methods, rounds, warmup):
     params0 = [p.detach().clone() for p in base_model.parameters()]
     grads = [torch.randn_like(p) for p in params0]
     makers = {
@@ -80,6 +86,8 @@ def optimizer_only(base_model, device, rounds, warmup):
     }
     units, failures = {}, {}
     for name, make in makers.items():
+        if name.split("_", 1)[1] not in methods:  # e.g. ours_zsharp is measured with zsharp
+            continue
         ps = [nn.Parameter(p.clone()) for p in params0]
         try:
             impl = make(ps, torch.optim.SGD(ps, lr=1e-3, momentum=0.9))
@@ -97,29 +105,36 @@ def optimizer_only(base_model, device, rounds, warmup):
 
 def main():
     parser = base_parser(__doc__)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--methods", default=",".join(STEP_METHODS), help="comma-separated full-step methods")
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     device = setup(args)
     results = {"machine": machine(device), "settings": vars(args), "models": {}}
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(STEP_METHODS) or set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown method or model: {', '.join(sorted(unknown))}")
     for key in args.models.split(","):
         model = build(MODELS[key], device)
         n_params = sum(p.numel() for p in model.parameters())
-        steps = full_steps(model, device, args.rounds, args.warmup)
-        opt_only, failures = optimizer_only(model, device, args.rounds, args.warmup)
+        steps = full_steps(model, MODELS[key]["input"], device, methods, args.batch, args.rounds, args.warmup)
+        opt_only, failures = optimizer_only(model, device, methods, args.rounds, args.warmup)
         results["models"][key] = {"params": n_params, "step_s": steps, "optimizer_only_s": opt_only,
                                   "failures": failures}
-        sgd, sam = steps["sgd"], steps["sam"]
-        rows = [[m, t * 1e3, t / sgd, t / sam] for m, t in steps.items()]
-        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch 64, {device}): full step",
-                    ["method", "ms/step", "x SGD", "x SAM"], rows)
+        base = {m: steps[m] for m in ("sgd", "sam") if m in steps}
+        rows = [[m, t * 1e3] + [t / b for b in base.values()] for m, t in steps.items()]
+        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step",
+                    ["method", "ms/step"] + [f"x {m.upper()}" for m in base], rows)
         for k in (2, 5, 10):
-            print(f"  interval {k}: {steps[f'zsharp_k{k}'] / sgd:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")
+            if f"zsharp_k{k}" in steps and "sgd" in steps:
+                print(f"  interval {k}: {steps[f'zsharp_k{k}'] / steps['sgd']:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")
         print_table(f"{key}: optimizer-only (first + second step, base SGD included)", ["implementation", "ms"],
                     [[m, t * 1e3] for m, t in opt_only.items()] + [[m, f"FAILED ({e})"] for m, e in failures.items()])
-    print("\nwrote", write_json(args.out, f"step_cost_{device.type}", results))
-
+    suffix = "" if args.models == DEFAULT_MODELS else "_" + args.models.replace(",", "_")
+    print("\nwrote", write_json(args.out, f"step_cost_{device.type}{suffix}", results))
 
 if __name__ == "__main__":
     main()

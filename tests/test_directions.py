@@ -175,6 +175,24 @@ def test_select_matches_sort_with_ties_zeros_and_chunks(monkeypatch, strategy):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("heavy", ["tied", "distinct"])
+def test_select_in_a_bin_holding_most_values(heavy, strategy):
+    """A bin with most of the values: one value repeated (exactly-zero gradients) takes the CPU
+    strategy's shortcut, distinct values (all with the same top 16 bits) its compaction."""
+    gen = torch.Generator().manual_seed(1)
+    if heavy == "tied":
+        bulk = torch.full((150_000,), 0.75)
+    else:  # 1 + k * 2^-23: the same high half, 80_000 distinct low halves (several times each)
+        bulk = 1.0 + torch.randint(0, 80_000, (150_000,), generator=gen).float() * 2.0**-23
+    seg = torch.cat([torch.rand(30_000, generator=gen), bulk, torch.rand(20_000, generator=gen) + 2])
+    seg = seg[torch.randperm(seg.numel(), generator=gen)]
+    ranks = [0, 30_000, 100_000, 179_999, 180_000, 199_999]
+    queries = [(0, r) for r in ranks] + [(GLOBAL, r) for r in ranks]
+    got = select([seg.numel()], lambda s: iter([seg]), queries, torch.device("cpu"))
+    want = seg.sort().values[ranks * 2]
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_both_selection_strategies_and_storage_modes_agree_bitwise(seed, scope, monkeypatch):

@@ -108,10 +108,14 @@ def _halves(values: Tensor) -> tuple[Tensor, Tensor]:
 
 def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], joined) -> Tensor:
     rows = {s for s, _ in queries}
-    # Round 1: histogram of the high halves per queried segment, and over all for GLOBAL. A
-    # segment's histogram is resolved (bin + rank within it) as soon as it is complete.
-    high_bin: dict[int, int] = {}  # query index -> chosen high half
-    rank_in: dict[int, int] = {}  # query index -> rank among the values in that bin
+    if joined is not None:  # bounded temporaries: compaction makes a bool mask and int64 indices
+        step = max(chunk_size_for(joined.device, joined.numel()), -(-joined.numel() // 8))
+        segment_chunks = chunks
+        chunks = lambda seg: segment_chunks(seg) if seg != GLOBAL else (  # noqa: E731
+            joined[i : i + step] for i in range(0, joined.numel(), step))
+    # Round 1: histogram of the high halves per queried row. A segment's histogram is resolved
+    # (chosen bin, its count, the rank inside it) as soon as it is complete.
+    chosen: dict[int, tuple[int, int, int]] = {}  # query -> (high half, values in that bin, rank in bin)
     total = None
     if GLOBAL in rows:
         total = _high_hist([joined]) if joined is not None else torch.zeros(_HIGH_BINS, dtype=torch.int64)
@@ -122,32 +126,33 @@ def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int,
         if total is not None and joined is None:
             total += hist
         if seg in rows:
-            _resolve(hist, seg, queries, high_bin, rank_in)
+            _resolve(hist, seg, queries, chosen)
     if total is not None:
-        _resolve(total, GLOBAL, queries, high_bin, rank_in)
+        _resolve(total, GLOBAL, queries, chosen)
 
-    # Round 2: histogram of the low halves of the values in each chosen (row, high bin).
-    low_hist: dict[tuple[int, int], Tensor] = {(s, high_bin[q]): None for q, (s, _) in enumerate(queries)}
-    global_bins = {b for (s, b) in low_hist if s == GLOBAL}
-    if joined is not None:
-        for b in global_bins:
-            low_hist[(GLOBAL, b)] = _low_hist(joined, b)
-        global_bins = set()
-    for seg in range(n_seg):
-        wanted = global_bins | {b for (s, b) in low_hist if s == seg}
-        for values in chunks(seg) if wanted else ():
-            for b in wanted:
-                hist = _low_hist(values, b)
-                for key in ((GLOBAL, b), (seg, b)):
-                    if key in low_hist and (key[0] == seg or b in global_bins):
-                        low_hist[key] = hist if low_hist[key] is None else low_hist[key] + hist
+    # Round 2: histogram of the low halves of the values in each chosen (row, bin).
     bits: list[int] = [0] * len(queries)
-    for (row, b), hist in low_hist.items():
-        mine = [q for q, (s, _) in enumerate(queries) if s == row and high_bin[q] == b]
-        low = torch.searchsorted(hist.cumsum(0), torch.tensor([rank_in[q] for q in mine]), right=True)
+    for row, high, count in {(s, *chosen[q][:2]) for q, (s, _) in enumerate(queries)}:
+        if row == GLOBAL and joined is None:
+            values = lambda: (v for seg in range(n_seg) for v in chunks(seg))  # noqa: E731
+        else:
+            values = lambda row=row: chunks(row)  # noqa: E731
+        hist = _low_hist(values, high, count)
+        mine = [q for q, (s, _) in enumerate(queries) if s == row and chosen[q][0] == high]
+        low = torch.searchsorted(hist.cumsum(0), torch.tensor([chosen[q][2] for q in mine]), right=True)
         for q, d in zip(mine, low.tolist()):
-            bits[q] = (b << 16) | d
+            bits[q] = (high << 16) | d
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _resolve(hist: Tensor, row: int, queries, chosen: dict[int, tuple[int, int, int]]) -> None:
+    """For the queries on ``row``: the bin holding their rank, its count, and the rank inside it."""
+    mine = [q for q, (s, _) in enumerate(queries) if s == row]
+    cum = hist.cumsum(0)
+    digit = torch.searchsorted(cum, torch.tensor([queries[q][1] for q in mine]), right=True)
+    below = cum[digit] - hist[digit]
+    for q, d, c, n_below in zip(mine, digit.tolist(), hist[digit].tolist(), below.tolist()):
+        chosen[q] = (d, c, queries[q][1] - n_below)
 
 
 def _high_hist(chunks: Iterable[Tensor]) -> Tensor:
@@ -158,20 +163,41 @@ def _high_hist(chunks: Iterable[Tensor]) -> Tensor:
     return hist
 
 
-def _low_hist(values: Tensor, high: int) -> Tensor:
-    """Counts of the low halves of the values whose high half is ``high``."""
-    high_half, low_half = _halves(values)
-    return torch.bincount(low_half[high_half == high].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
+def _low_hist(chunks: Callable[[], Iterable[Tensor]], high: int, count: int) -> Tensor:
+    """Counts of the low halves of the ``count`` values whose high half is ``high``.
+
+    Usually a bin holds well under 1% of the values and compacting them is cheap. A heavy bin is
+    almost always one value repeated (gradients that are exactly zero, e.g. a zero-initialised
+    residual branch or unused embedding rows, share one |z| per tensor): checked with a float
+    compare and a sum, which is far cheaper than compacting millions of values.
+    """
+    hist = torch.zeros(_LOW_BINS, dtype=torch.int64)
+    if count > (1 << 16):
+        tied = _tied_value(chunks, high, count)
+        if tied is not None:
+            hist[tied & 0xFFFF] = count
+            return hist
+    for values in chunks():  # a fresh stream: chunks may share one scratch buffer
+        high_half, low_half = _halves(values)
+        hist += torch.bincount(low_half[high_half == high].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
+    return hist
 
 
-def _resolve(hist: Tensor, row: int, queries, high_bin: dict[int, int], rank_in: dict[int, int]) -> None:
-    """For the queries on ``row``: the high bin holding their rank, and their rank inside it."""
-    mine = [q for q, (s, _) in enumerate(queries) if s == row]
-    cum = hist.cumsum(0)
-    digit = torch.searchsorted(cum, torch.tensor([queries[q][1] for q in mine]), right=True)
-    below = cum[digit] - hist[digit]
-    for q, d, n_below in zip(mine, digit.tolist(), below.tolist()):
-        high_bin[q], rank_in[q] = d, queries[q][1] - n_below
+def _tied_value(chunks: Callable[[], Iterable[Tensor]], high: int, count: int) -> int | None:
+    """The bits of the value that all ``count`` values in bin ``high`` share, or None."""
+    for values in chunks():  # a heavy bin shows up in a sparse sample of the values
+        sample = values[:: max(1, values.numel() >> 12)].contiguous()
+        hits = sample[_halves(sample)[0] == high]
+        if hits.numel():
+            candidate = hits[:1].clone()
+            break
+    else:
+        return None
+    equal = 0
+    for values in chunks():
+        # a float 0/1 result sums several times faster than a bool one on CPUs
+        equal += int(torch.eq(values, candidate, out=torch.empty_like(values)).sum())
+    return int(candidate.view(torch.int32)) if equal == count else None
 
 
 # --------------------------------------------------------------------------- accelerators
