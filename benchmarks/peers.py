@@ -77,15 +77,20 @@ class ComposerSAM:
 
 
 class Ours:
-    """Our optimizer's first_step / second_step (restore + base step)."""
+    """Our optimizer's first_step / second_step (restore + base step), as ``step(closure)`` runs
+    them: the first pass's gradients are dropped, the second backward's are used by the base."""
 
     def __init__(self, opt):
         self.opt = opt
+        self.params = [p for g in opt.param_groups for p in g["params"]]
 
     def first_step(self):
-        self.opt.first_step(zero_grad=False)
+        self._second_grads = [p.grad for p in self.params]  # stand-ins for the second backward's
+        self.opt.first_step(zero_grad=True)
 
     def second_step(self):
+        for p, g in zip(self.params, self._second_grads):
+            p.grad = g
         self.opt.second_step()
 
 

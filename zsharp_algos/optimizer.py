@@ -132,10 +132,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if loss is None:
             return None
         if sharp:
-            self.first_step(zero_grad=False)
-            # Free the gradients rather than zero-filling them: the second backward then
-            # starts from nothing whether or not the closure zeroes them.
-            self.zero_grad(set_to_none=True)
+            self.first_step(zero_grad=True)
             try:
                 with frozen_norm_stats(self.model) if self.model is not None else nullcontext():
                     second = closure()
@@ -148,8 +145,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
-        """Save the weights and move them to ``w + e``. The gradients hold ``e`` afterwards and
-        are zeroed if ``zero_grad`` (the default: the second backward must not add to them)."""
+        """Save the weights and move them to ``w + e``. With ``zero_grad`` (the default: the
+        second backward must not add to them) the gradients are set to ``None``; otherwise they
+        hold ``e`` afterwards."""
         if self._perturbed:
             raise RuntimeError("first_step() called twice without second_step() or restore() in between")
         params, grads = self._params_with_grad()
@@ -162,7 +160,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             coefs = self.direction(params, grads, rho=self.rho, eps=self.eps, adaptive=self.adaptive, storage=storage)
             self._perturb(params, grads, coefs, backups)
         if zero_grad:
-            self.zero_grad(set_to_none=False)
+            self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -204,7 +202,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return params, grads
 
     def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor], backups: list[Tensor]) -> None:
-        """grads <- c * T^2 * d, save w, w <- w + grads; multi-tensor kernels per device/dtype."""
+        """grads <- e = c * T^2 * d, save w, w <- w + e; multi-tensor kernels per device/dtype.
+        (Forming e first costs a pass over the gradients, but keeps ``w' = w + e`` exact for
+        every caller; a fused ``w += c * d`` rounds differently.)"""
         for idx, (ps, gs, bs) in group_by_device_dtype(params, grads, backups):
             if self.adaptive:
                 torch._foreach_mul_(gs, ps)
