@@ -165,16 +165,18 @@ class _ZScores:
             self.max_abs.append(torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs()))
             self.mean.append(mean)
             self.denom.append(denom)
-        self.stored: list[Tensor] | None = None  # per tensor |z|, views of ``joined``
-        self.joined = storage[: sum(self.sizes)] if storage is not None else None
-        if storage is not None:
-            self.stored, offset = [], 0
+        self.offsets = [0]
+        for n in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
+        self.joined = storage[: sum(self.sizes)] if storage is not None else None  # |z|, tensor after tensor
+        if self.joined is not None:
             for seg, n in enumerate(self.sizes):
-                self.stored.append(storage[offset : offset + n])
-                offset += n
-                self._compute(seg, 0, n, self.stored[-1])
+                self._compute(seg, 0, n, self._stored(seg, 0, n))
         else:
             self._scratch = torch.empty(min(self.chunk, max(self.sizes)), dtype=torch.float32, device=self.device)
+
+    def _stored(self, seg: int, start: int, n: int) -> Tensor:
+        return self.joined[self.offsets[seg] + start : self.offsets[seg] + start + n]
 
     def _compute(self, seg: int, start: int, n: int, out: Tensor) -> None:
         if self.mean[seg] is None:
@@ -192,9 +194,9 @@ class _ZScores:
         views of at most ``max_len`` elements (default: the whole tensor, fewest kernel calls),
         recomputed |z| in scratch-sized chunks. A consumer may overwrite a chunk once done with
         it only if nothing reads |z| of that tensor again."""
-        if self.stored is not None:
+        if self.joined is not None:
             for start, n in chunk_ranges(self.sizes[seg], max_len or self.sizes[seg]):
-                yield start, self.stored[seg][start : start + n]
+                yield start, self._stored(seg, start, n)
             return
         for start, n in chunk_ranges(self.sizes[seg], self.chunk):
             self._compute(seg, start, n, self._scratch[:n])

@@ -108,38 +108,38 @@ def _halves(values: Tensor) -> tuple[Tensor, Tensor]:
 
 def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], joined) -> Tensor:
     rows = {s for s, _ in queries}
-    if joined is not None:  # bounded temporaries: compaction makes a bool mask and int64 indices
+
+    def row_chunks(row: int) -> Iterable[Tensor]:
+        if row != GLOBAL:
+            return chunks(row)
+        if joined is None:
+            return (v for seg in range(n_seg) for v in chunks(seg))
+        # bounded temporaries: compaction makes a bool mask and int64 indices per chunk
         step = max(chunk_size_for(joined.device, joined.numel()), -(-joined.numel() // 8))
-        segment_chunks = chunks
-        chunks = lambda seg: segment_chunks(seg) if seg != GLOBAL else (  # noqa: E731
-            joined[i : i + step] for i in range(0, joined.numel(), step))
+        return (joined[i : i + step] for i in range(0, joined.numel(), step))
+
     # Round 1: histogram of the high halves per queried row. A segment's histogram is resolved
-    # (chosen bin, its count, the rank inside it) as soon as it is complete.
+    # (chosen bin, its count, the rank inside it) as soon as it is complete; the global one is
+    # their sum, or one bincount over ``joined``.
     chosen: dict[int, tuple[int, int, int]] = {}  # query -> (high half, values in that bin, rank in bin)
-    total = None
-    if GLOBAL in rows:
-        total = _high_hist([joined]) if joined is not None else torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    sum_segments = GLOBAL in rows and joined is None
+    total = torch.zeros(_HIGH_BINS, dtype=torch.int64) if sum_segments else None
     for seg in range(n_seg):
-        if seg not in rows and (total is None or joined is not None):
-            continue
-        hist = _high_hist(chunks(seg))
-        if total is not None and joined is None:
-            total += hist
-        if seg in rows:
-            _resolve(hist, seg, queries, chosen)
-    if total is not None:
-        _resolve(total, GLOBAL, queries, chosen)
+        if seg in rows or sum_segments:
+            hist = _high_hist(chunks(seg))
+            if sum_segments:
+                total += hist
+            if seg in rows:
+                _resolve(hist, seg, queries, chosen)
+    if GLOBAL in rows:
+        _resolve(total if sum_segments else _high_hist([joined]), GLOBAL, queries, chosen)
 
     # Round 2: histogram of the low halves of the values in each chosen (row, bin).
     bits: list[int] = [0] * len(queries)
     for row, high, count in {(s, *chosen[q][:2]) for q, (s, _) in enumerate(queries)}:
-        if row == GLOBAL and joined is None:
-            values = lambda: (v for seg in range(n_seg) for v in chunks(seg))  # noqa: E731
-        else:
-            values = lambda row=row: chunks(row)  # noqa: E731
-        hist = _low_hist(values, high, count)
+        hist = _low_hist(lambda: row_chunks(row), high, count)
         mine = [q for q, (s, _) in enumerate(queries) if s == row and chosen[q][0] == high]
-        low = torch.searchsorted(hist.cumsum(0), torch.tensor([chosen[q][2] for q in mine]), right=True)
+        low, _ = _descend(hist.expand(len(mine), -1), torch.tensor([chosen[q][2] for q in mine]))
         for q, d in zip(mine, low.tolist()):
             bits[q] = (high << 16) | d
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
@@ -148,11 +148,9 @@ def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int,
 def _resolve(hist: Tensor, row: int, queries, chosen: dict[int, tuple[int, int, int]]) -> None:
     """For the queries on ``row``: the bin holding their rank, its count, and the rank inside it."""
     mine = [q for q, (s, _) in enumerate(queries) if s == row]
-    cum = hist.cumsum(0)
-    digit = torch.searchsorted(cum, torch.tensor([queries[q][1] for q in mine]), right=True)
-    below = cum[digit] - hist[digit]
-    for q, d, c, n_below in zip(mine, digit.tolist(), hist[digit].tolist(), below.tolist()):
-        chosen[q] = (d, c, queries[q][1] - n_below)
+    digit, within = _descend(hist.expand(len(mine), -1), torch.tensor([queries[q][1] for q in mine]))
+    for q, d, c, r in zip(mine, digit.tolist(), hist[digit].tolist(), within.tolist()):
+        chosen[q] = (d, c, r)
 
 
 def _high_hist(chunks: Iterable[Tensor]) -> Tensor:
