@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -18,12 +20,40 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON output")
+    parser.add_argument(
+        "--allocator", choices=("retain", "system"), default="retain",
+        help="retain (default): on glibc, keep freed memory in the process (as jemalloc/tcmalloc, which "
+        "PyTorch's CPU tuning guide recommends, do) so every backward does not page-fault its gradients "
+        "in again; system: the C library's defaults",
+    )
     return parser
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+ALLOCATOR = "system"
+
+
+def retain_freed_memory() -> str:
+    """Stop glibc returning freed memory to the OS (no trimming, no mmap'd chunks). With its
+    defaults, the tens of MB of gradients that each backward allocates come back as fresh pages,
+    thousands of page faults per step (see ``minor_faults`` in the JSON): a cost of the allocator
+    that grows with the number of backward passes, not with the optimizer. Returns what was set."""
+    libc_name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not libc_name or platform.libc_ver()[0] != "glibc":
+        return "system (not glibc: left as is)"
+    libc = ctypes.CDLL(libc_name)
+    if not (libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(_M_MMAP_MAX, 0)):
+        return "system (mallopt refused)"
+    return "glibc, freed memory retained (M_TRIM_THRESHOLD=2^31-1, M_MMAP_MAX=0)"
+
+
 def setup(args) -> torch.device:
+    global ALLOCATOR
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "allocator", "system") == "retain":
+        ALLOCATOR = retain_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
@@ -38,6 +68,7 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "allocator": ALLOCATOR,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -55,22 +86,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(units: dict[str, Callable[[], int]], rounds: int, warmup: int, device) -> dict[str, float]:
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved_medians(
+    units: dict[str, Callable[[], int]], rounds: int, warmup: int, device, faults: dict[str, float] | None = None
+) -> dict[str, float]:
     """Run every unit once per round, in rotating order so drift and noise hit all alike; each
     unit returns how many steps it took. A unit with a ``prepare`` attribute has it called,
-    untimed, right before each run. Returns the median seconds per step of each unit."""
+    untimed, right before each run. Returns the median seconds per step of each unit; with
+    ``faults``, fills it with the median minor page faults per step of each unit."""
     names = list(units)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    fault_samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             getattr(units[name], "prepare", lambda: None)()
             sync(device)
+            before = minor_faults()
             start = time.perf_counter()
             steps = units[name]()
             sync(device)
             if r >= warmup:
                 samples[name].append((time.perf_counter() - start) / steps)
+                fault_samples[name].append((minor_faults() - before) / steps)
+    if faults is not None:
+        faults.update({n: statistics.median(s) for n, s in fault_samples.items()})
     return {n: statistics.median(s) for n, s in samples.items()}
 
 

@@ -43,7 +43,7 @@ def build(spec, device):
     return timm.create_model(spec.pop("name"), num_classes=10, **spec).to(device)
 
 
-def full_steps(base_model, side, device, methods, batch, rounds, warmup):
+def full_steps(base_model, side, device, methods, batch, rounds, warmup, faults):
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     units = {}
@@ -70,7 +70,7 @@ def full_steps(base_model, side, device, methods, batch, rounds, warmup):
             return k
 
         units[name] = unit
-    return interleaved_medians(units, rounds, warmup, device)
+    return interleaved_medians(units, rounds, warmup, device, faults)
 
 
 def optimizer_only(base_model, device, methods, rounds, warmup):
@@ -120,14 +120,17 @@ def main():
     for key in args.models.split(","):
         model = build(MODELS[key], device)
         n_params = sum(p.numel() for p in model.parameters())
-        steps = full_steps(model, MODELS[key]["input"], device, methods, args.batch, args.rounds, args.warmup)
+        faults: dict[str, float] = {}
+        steps = full_steps(model, MODELS[key]["input"], device, methods, args.batch, args.rounds, args.warmup, faults)
         opt_only, failures = optimizer_only(model, device, methods, args.rounds, args.warmup)
-        results["models"][key] = {"params": n_params, "step_s": steps, "optimizer_only_s": opt_only,
+        results["models"][key] = {"params": n_params, "step_s": steps, "minor_faults_per_step": faults,
+                                  "optimizer_only_s": opt_only,
                                   "failures": failures}
         base = {m: steps[m] for m in ("sgd", "sam") if m in steps}
-        rows = [[m, t * 1e3] + [t / b for b in base.values()] for m, t in steps.items()]
-        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step",
-                    ["method", "ms/step"] + [f"x {m.upper()}" for m in base], rows)
+        rows = [[m, t * 1e3] + [t / b for b in base.values()] + [round(faults[m])] for m, t in steps.items()]
+        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step; "
+                    f"allocator: {results['machine']['allocator']}",
+                    ["method", "ms/step"] + [f"x {m.upper()}" for m in base] + ["page faults/step"], rows)
         for k in (2, 5, 10):
             if f"zsharp_k{k}" in steps and "sgd" in steps:
                 print(f"  interval {k}: {steps[f'zsharp_k{k}'] / steps['sgd']:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")

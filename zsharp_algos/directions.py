@@ -58,6 +58,7 @@ class Direction:
     """Builds the ascent direction in place and returns the per-tensor coefficients."""
 
     name = "base"
+    uses_storage = False  # whether it works in the ``storage`` buffer when one is lent
 
     def __call__(
         self,
@@ -240,6 +241,7 @@ class ZScoreDirection(Direction):
     """ZSharp: keep the gradient entries with significant layer-wise z-scores (see module doc)."""
 
     SCOPES = ("global", "tensor")
+    uses_storage = True  # |z| is kept there
 
     def __init__(self, percentile: float = 70.0, scope: str = "global"):
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile < 100:

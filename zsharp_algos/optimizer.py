@@ -5,18 +5,28 @@ One sharpness step, for a base optimizer ``base`` and an ascent direction ``d(g)
 
     g  = grad L(w)                      # first pass (closure call 1)
     e  = rho * T^2 d(g) / ||T d(g)||    # T = |w| if adaptive else 1
-    w' = w + e                          # weights saved to a persistent buffer first
+    w' = w + e                          # w itself is kept aside, untouched
     g' = grad L(w')                     # second pass (closure call 2)
-    w  = saved copy                     # exact restore (copy, not w' - e), in a finally
+    w  = the kept w                     # exact restore (never w' - e), in a finally
     base.step() with g'                 # momentum, weight decay, LR: all the base optimizer's
 
 With ``interval=k`` only every k-th step is a sharpness step; the others are plain base steps
-that call the closure once. Memory: one persistent parameter-sized buffer (the saved weights);
-the direction's own work is streamed in chunks.
+that call the closure once.
+
+Where ``w'`` lives: in :meth:`~SharpnessAwareOptimizer.step` the first-pass gradient is dead once
+``e`` is formed, so ``w' = e + w`` is built in the gradient's own memory and the parameter is
+pointed at it (``p.data = w'``); restoring points it back. That costs one pass over the weights
+and no memory beyond SGD's, where saving and copying back would cost four passes and a
+parameter-sized buffer. A parameter whose storage anything else can see (a view, or a tensor
+other tensors view, such as a flat buffer behind the model's weights) or whose gradient is not
+its own plain tensor (DDP's ``gradient_as_bucket_view``) is never re-pointed: its weights are
+saved to a persistent flat buffer, perturbed in place and copied back, exactly as before.
+The direction's own work is streamed in chunks (ZSharp keeps |z| in that flat buffer).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
 import torch
@@ -100,7 +110,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self._backup: dict[Tensor, Tensor] = {}  # param -> saved weights (views of flat buffers)
         self._flat_backups: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # the flat buffers
-        self._perturbed: list[Tensor] = []
+        self._perturbed: list[Tensor] = []  # perturbed in place: restored by copying from _backup
+        self._kept: list[tuple[Tensor, Tensor]] = []  # (param, its own weights) while it points at w'
         # Share param_groups and state with the base: LR schedulers, grad clipping and
         # framework code that inspects the optimizer see (and change) the base's. The base's
         # groups are passed to Optimizer.__init__ only to set up its hooks and profiling.
@@ -145,20 +156,26 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
-        """Save the weights and move them to ``w + e``. With ``zero_grad`` (the default: the
-        second backward must not add to them) the gradients are set to ``None``; otherwise they
-        hold ``e`` afterwards."""
-        if self._perturbed:
+        """Move the weights to ``w + e``, keeping ``w`` for :meth:`restore`. With ``zero_grad``
+        (the default: the second backward must not add to them) the gradients are set to
+        ``None`` and their memory may hold ``w + e``; otherwise they hold ``e`` afterwards."""
+        if self._perturbed or self._kept:
             raise RuntimeError("first_step() called twice without second_step() or restore() in between")
         params, grads = self._params_with_grad()
         if params:
-            backups = self._backup_buffers(params)
-            # Until the weights are saved, the float32 save buffer is free working memory.
-            storage = self._flat_backups.get((grads[0].device, torch.float32))
-            if storage is not None and storage.numel() < sum(g.numel() for g in grads):
-                storage = None
+            storage = None
+            if self.direction.uses_storage:
+                # Until the weights are saved, the float32 flat buffer is free working memory.
+                self._backup_buffers(params)
+                storage = self._flat_backups.get((grads[0].device, torch.float32))
+                if storage is not None and storage.numel() < sum(g.numel() for g in grads):
+                    storage = None
             coefs = self.direction(params, grads, rho=self.rho, eps=self.eps, adaptive=self.adaptive, storage=storage)
-            self._perturb(params, grads, coefs, backups)
+            try:
+                self._perturb(params, grads, coefs, repoint=zero_grad)
+            except BaseException:
+                self.restore()  # never leave some weights perturbed
+                raise
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -172,12 +189,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved weights back (exact; a no-op when not perturbed)."""
-        if not self._perturbed:
-            return
-        for _, (ps, bs) in group_by_device_dtype(self._perturbed, [self._backup[p] for p in self._perturbed]):
-            torch._foreach_copy_(ps, bs)
-        self._perturbed = []
+        """Put the weights back exactly as they were before :meth:`first_step` (a no-op when
+        not perturbed)."""
+        for p, own in reversed(self._kept):
+            p.data = own
+        self._kept = []
+        if self._perturbed:
+            for _, (ps, bs) in group_by_device_dtype(self._perturbed, [self._backup[p] for p in self._perturbed]):
+                torch._foreach_copy_(ps, bs)
+            self._perturbed = []
 
     def _base_step(self) -> None:
         self.step_count += 1
@@ -201,11 +221,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 grads.append(p.grad)
         return params, grads
 
-    def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor], backups: list[Tensor]) -> None:
-        """grads <- e = c * T^2 * d, save w, w <- w + e; multi-tensor kernels per device/dtype.
-        (Forming e first costs a pass over the gradients, but keeps ``w' = w + e`` exact for
-        every caller; a fused ``w += c * d`` rounds differently.)"""
-        for idx, (ps, gs, bs) in group_by_device_dtype(params, grads, backups):
+    def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor], repoint: bool) -> None:
+        """grads <- e = c * T^2 * d, then w' = w + e: built in the gradient's memory and the
+        parameter re-pointed at it where ``repoint`` allows and nothing else shares either
+        storage; else w saved to the flat buffer and perturbed in place. Multi-tensor kernels
+        per device/dtype. (Forming e first costs a pass over the gradients, but keeps ``w' = w + e``
+        exact for every caller; a fused ``w + c * d`` rounds differently.)"""
+        for idx, (ps, gs) in group_by_device_dtype(params, grads):
             if self.adaptive:
                 torch._foreach_mul_(gs, ps)
                 torch._foreach_mul_(gs, ps)
@@ -214,9 +236,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(gs, cs[0])
             else:
                 torch._foreach_mul_(gs, cs)
-            torch._foreach_copy_(bs, ps)
-            torch._foreach_add_(ps, gs)
-        self._perturbed = params
+        movable = [repoint and _may_repoint(p, g) for p, g in zip(params, grads)]
+        in_place = [p for p, m in zip(params, movable) if not m]
+        if in_place:
+            backups = self._backup_buffers(in_place)
+            es = [g for g, m in zip(grads, movable) if not m]
+            for _, (ps, es_, bs) in group_by_device_dtype(in_place, es, backups):
+                torch._foreach_copy_(bs, ps)
+                torch._foreach_add_(ps, es_)
+            self._perturbed = in_place
+        moved = [(p, g) for p, g, m in zip(params, grads, movable) if m]
+        if moved:
+            for _, (ps, es) in group_by_device_dtype(*map(list, zip(*moved))):
+                torch._foreach_add_(es, ps)  # e + w: the same float as w + e
+            for p, w_prime in moved:
+                self._kept.append((p, p.data))
+                p.data = w_prime
 
     def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """The persistent save buffer: one flat tensor per device/dtype, views per parameter.
@@ -281,6 +316,43 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({hp}, base={type(self.base_optimizer).__name__})"
+
+
+def _may_repoint(param: Tensor, grad: Tensor) -> bool:
+    """Whether ``param`` may be pointed at new memory holding ``w'`` built in ``grad``'s memory:
+    both are plain tensors that own their storage alone (nothing else views them: not a
+    parameter backed by a shared flat buffer, not a DDP bucket view), with the same layout."""
+    return (
+        type(grad) is Tensor
+        and type(param) in (Tensor, nn.Parameter)
+        and grad.stride() == param.stride()
+        and _sole_owner(param)
+        and _sole_owner(grad)
+    )
+
+
+def _sole_owner(t: Tensor) -> bool:
+    if t._base is not None or t.storage_offset() != 0:
+        return False
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size():
+        return False
+    count = _storage_use_count(storage)
+    return count is not None and count == _lone_use_count()
+
+
+def _storage_use_count(storage) -> int | None:
+    """How many tensors share ``storage`` (None where torch does not say)."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    return None if counter is None else counter(storage._cdata)
+
+
+@lru_cache(maxsize=None)
+def _lone_use_count() -> int | None:
+    # what _sole_owner reads for a tensor nothing else refers to (torch versions differ)
+    alone = torch.empty(1)
+    storage = alone.untyped_storage()
+    return _storage_use_count(storage)
 
 
 def _check_hparams(*, rho, interval, eps, max_grad_norm) -> None:

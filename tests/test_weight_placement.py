@@ -1,0 +1,138 @@
+"""Where the perturbed weights w' = w + e live: in the first-pass gradient's memory with the
+parameter re-pointed at it (``step()``), or in place with w saved (shared storage, gradient
+views, ``first_step(zero_grad=False)``). Both must give the same bits and restore w exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from zsharp_algos import SAM, ZSharp
+from zsharp_algos import optimizer as optimizer_module
+
+from test_optimizer import batches, closure_for, flat_state, make_model
+
+
+def _first_pass(model, x, y):
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("cls", [SAM, ZSharp])
+def test_repointed_and_in_place_perturbations_are_the_same_bits(cls):
+    x, y = batches(1)[0]
+    a, b = make_model(), make_model()
+    opt_a = cls(torch.optim.SGD(a.parameters(), lr=0.1))
+    opt_b = cls(torch.optim.SGD(b.parameters(), lr=0.1))
+    w = [p.detach().clone() for p in a.parameters()]
+    ptrs = [p.data_ptr() for p in b.parameters()]
+    _first_pass(a, x, y)
+    _first_pass(b, x, y)
+
+    opt_a.first_step(zero_grad=False)  # in place: the gradients hold e
+    opt_b.first_step(zero_grad=True)  # re-pointed: w' built in the gradients' memory
+    assert opt_b._kept and not opt_b._perturbed and not opt_a._kept
+    assert all(p.data_ptr() != q for p, q in zip(b.parameters(), ptrs))
+    for pa, pb, w0 in zip(a.parameters(), b.parameters(), w):
+        assert torch.equal(pa, w0 + pa.grad)  # w' = w + e, the float sum
+        assert torch.equal(pb, pa)
+        assert pb.grad is None
+
+    opt_a.restore()
+    opt_b.restore()
+    for pa, pb, w0, ptr in zip(a.parameters(), b.parameters(), w, ptrs):
+        assert torch.equal(pa, w0) and torch.equal(pb, w0)
+        assert pb.data_ptr() == ptr  # the parameter's own memory, not a copy
+
+
+def test_training_is_identical_without_repointing(monkeypatch):
+    """The fallback (save + perturb in place + copy back) trains to the same bits."""
+    runs = []
+    for allow in (True, False):
+        if not allow:
+            monkeypatch.setattr(optimizer_module, "_storage_use_count", lambda storage: None)
+        model = make_model()
+        opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+        repointed = []
+        for x, y in batches(5):
+            closure = closure_for(model, opt, x, y)
+            opt.step(lambda: (repointed.append(bool(opt._kept)), closure())[1])
+        runs.append(flat_state(model))
+        assert repointed == [False, allow] * 5  # seen by each step's two closure calls
+    assert torch.equal(runs[0], runs[1])
+
+
+class _FlatBacked(nn.Module):
+    """Weights that are views of one flat tensor, which is what the optimizer is given (the
+    layout of contiguous-parameter tricks): re-pointing the flat tensor would leave the model's
+    views at w and silently make the second pass a first pass again."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.flat = torch.randn(6 * 3 + 3)
+        self.weight = nn.Parameter(self.flat[:18].view(3, 6))
+        self.bias = nn.Parameter(self.flat[18:])
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def gather_grads(self):
+        self.flat.grad = torch.cat([self.weight.grad.flatten(), self.bias.grad])
+
+
+def test_parameters_backed_by_shared_storage_are_perturbed_in_place():
+    model = _FlatBacked()
+    opt = SAM(torch.optim.SGD([model.flat], lr=0.1))
+    x, y = batches(1)[0]
+    w = model.flat.clone()
+    _first_pass(model, x, y)
+    model.gather_grads()
+    e = model.flat.grad * (0.05 / (model.flat.grad.norm() + 1e-12))
+    opt.first_step(zero_grad=True)
+    assert not opt._kept
+    assert torch.equal(torch.cat([model.weight.detach().flatten(), model.bias.detach()]), w + e)  # the model sees w'
+    opt.restore()
+    assert torch.equal(model.flat, w) and torch.equal(model.weight.detach().flatten(), w[:18])
+
+
+def test_gradient_views_are_never_adopted_as_weights():
+    """DDP's gradient_as_bucket_view makes each .grad a view of a bucket it writes every
+    backward: weights living there would be overwritten."""
+    model = make_model()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    _first_pass(model, x, y)
+    params = list(model.parameters())
+    bucket = torch.cat([p.grad.flatten() for p in params])
+    offset = 0
+    for p in params:
+        p.grad = bucket[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    opt.first_step(zero_grad=True)
+    assert not opt._kept
+    perturbed = [p.detach().clone() for p in params]
+    bucket.fill_(1e3)  # the next backward's all-reduce
+    assert all(torch.equal(p, q) for p, q in zip(params, perturbed))
+    opt.restore()
+
+
+def test_channels_last_parameter_keeps_its_layout():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(conv)
+    opt = SAM(torch.optim.SGD(conv.parameters(), lr=0.1))
+    ref_opt = SAM(torch.optim.SGD(ref.parameters(), lr=0.1))
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    for m in (conv, ref):
+        m(x).square().sum().backward()
+    strides = conv.weight.stride()
+    opt.first_step(zero_grad=True)
+    ref_opt.first_step(zero_grad=False)
+    assert conv.weight.stride() == strides
+    assert torch.equal(conv.weight, ref.weight)
+    opt.restore()
+    ref_opt.restore()
+    assert conv.weight.stride() == strides and torch.equal(conv.weight, ref.weight)
