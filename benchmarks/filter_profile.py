@@ -1,5 +1,5 @@
 """Where ZSharp's filter spends its time: the torch calls of ``first_step`` + ``restore`` on
-timm resnet18 gradients, by total time (``cProfile``), next to SAM's.
+timm resnet18 gradients, by total time (``cProfile``), next to SAM's, driven as ``step()`` drives them.
 
     python benchmarks/filter_profile.py --threads 2            # random normal gradients
     python benchmarks/filter_profile.py --threads 2 --real     # one backward of the untrained model
@@ -46,7 +46,7 @@ def main():
             if step:  # the first step builds the save buffer: not profiled
                 profiler.enable()
             start = time.perf_counter()
-            opt.first_step(zero_grad=False)
+            opt.first_step()  # as step() runs it: w' built in the gradients, parameters re-pointed
             opt.restore()
             times.append(time.perf_counter() - start)
             profiler.disable()

@@ -193,6 +193,57 @@ def test_select_in_a_bin_holding_most_values(heavy, strategy):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "data, bracketed",
+    [
+        ("normal", True),
+        ("crowded_bin", True),  # a fifth of the values share their top 16 bits (as real gradients)
+        ("tied_at_rank", True),  # the ranks fall inside a run of one value: no sort needed
+        ("sorted", True),
+        ("duplicates", True),  # values repeat dozens of times: the neighbour rank may share a value
+        ("against_the_stride", False),  # the strided sample sees only outliers: bracket misses
+        ("too_many_inside", False),  # more values inside the bracket than it may sort
+    ],
+)
+def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
+    """Global queries over stored values: the sampled bracket gives exactly the sorted values,
+    and where it cannot (bracket missed, too many values in it) the radix select does."""
+    import zsharp_algos.order_stats as os_mod
+
+    monkeypatch.setattr(os_mod, "BRACKET_SAMPLE", 1 << 14)
+    gen = torch.Generator().manual_seed(2)
+    n = 200_000
+    values = torch.randn(n, generator=gen).abs()
+    if data == "crowded_bin":
+        values[: n // 5] = 1.5 + torch.rand(n // 5, generator=gen) * 2.0**-10
+    elif data == "tied_at_rank":
+        values[: n // 2] = 0.7
+    elif data == "sorted":
+        values = values.sort().values
+    elif data == "duplicates":
+        values = (values * 1000).round() / 1000
+    elif data == "against_the_stride":
+        values[:: n // (1 << 14)] = 1e6
+    elif data == "too_many_inside":
+        monkeypatch.setattr(os_mod, "BRACKET_MAX_SHARE", 1e-3)
+    values = values[torch.randperm(n, generator=gen)] if data not in ("sorted", "against_the_stride") else values
+    calls = []
+    bracket = os_mod._select_by_bracket
+    monkeypatch.setattr(os_mod, "_select_by_bracket", lambda v, r: calls.append(bracket(v, r)) or calls[-1])
+    ranks = [int(0.7 * (n - 1)), int(0.7 * (n - 1)) + 1]  # torch.quantile's two neighbours
+    if data == "duplicates":  # the neighbour is the next distinct value
+        ordered = values.sort().values
+        boundaries = (ordered[1:] != ordered[:-1]).nonzero()[:, 0]
+        ranks = [int(boundaries[boundaries >= ranks[0]][0])] * 2
+        ranks[1] += 1
+        assert ordered[ranks[0]] < ordered[ranks[1]]
+    queries = [(GLOBAL, r) for r in ranks] + [(0, 5), (0, n // 3)]
+    got = select([n], lambda s: iter([values]), queries, torch.device("cpu"), joined=values)
+    want = values.sort().values
+    assert torch.equal(got, torch.stack([want[r] for r in ranks + [5, n // 3]]))
+    assert len(calls) == 1 and (calls[0] is not None) == bracketed
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_both_selection_strategies_and_storage_modes_agree_bitwise(seed, scope, monkeypatch):

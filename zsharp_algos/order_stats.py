@@ -11,6 +11,10 @@ with histograms. Two strategies, both exact:
   of each value, read through zero-copy views, so a round is one ``bincount`` (round 1) or one
   compare + ``masked_select`` + ``bincount`` of the few values left in the chosen bin (round 2).
   It reads the chosen bins on the host: on the CPU that is a memory load, not a device sync.
+  Queries over all the values stored back to back (ZSharp's global threshold) first try
+  :func:`_select_by_bracket`: a sorted strided sample brackets the ranks, one counting pass
+  checks the bracket and the few values inside it are sorted. ``bincount`` is single-threaded
+  and slows several-fold on the crowded bins real gradients have; the counting pass does not.
 * **accelerators** (:func:`_select_by_radix`): three fixed-shape rounds (11 + 10 + 10 bits)
   counted with ``histc`` (per-block shared memory), no data-dependent shape and no host read,
   so nothing waits for the device.
@@ -20,6 +24,7 @@ buffer, or |z| recomputed into a small scratch, so transient memory stays O(chun
 """
 from __future__ import annotations
 
+import math
 import sys
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
@@ -107,6 +112,16 @@ def _halves(values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], joined) -> Tensor:
+    if joined is not None and any(s == GLOBAL for s, _ in queries):
+        mine = [q for q, (s, _) in enumerate(queries) if s == GLOBAL]
+        found = _select_by_bracket(joined, [queries[q][1] for q in mine])
+        if found is not None:
+            rest = [q for q in range(len(queries)) if q not in set(mine)]
+            out = torch.empty(len(queries), dtype=torch.float32)
+            out[mine] = found
+            if rest:
+                out[rest] = _select_by_halves(n_seg, chunks, [queries[q] for q in rest], None)
+            return out
     rows = {s for s, _ in queries}
 
     def row_chunks(row: int) -> Iterable[Tensor]:
@@ -143,6 +158,58 @@ def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int,
         for q, d in zip(mine, low.tolist()):
             bits[q] = (high << 16) | d
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+BRACKET_SAMPLE = 1 << 16  # sample size: sorting it costs well under one pass over 10M values
+BRACKET_SIGMAS = 6.0  # bracket half-width, in standard deviations of a sample rank
+BRACKET_MAX_SHARE = 1 / 16  # more values than this inside the bracket (heavy ties): use the radix
+
+
+def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
+    """Exact order statistics of 1-D float32 ``values`` at ``ranks`` (close together), or None
+    when the sample's bracket misses them (then the caller's radix select answers).
+
+    The sorted strided sample's ranks around ``rank / n`` give values ``lo <= hi`` that, for any
+    data not ordered adversarially against the stride, enclose the wanted ones. Counting
+    ``values < lo`` and ``values <= hi`` proves it (or not): then the answer is the
+    ``(rank - below)``-th smallest of the values in ``[lo, hi]``, a percent or two of them
+    (gathered in the same pass, so a miss costs that pass).
+    """
+    n = values.numel()
+    stride = max(1, n // BRACKET_SAMPLE)
+    sample = values[::stride]
+    m = sample.numel()
+    p = (min(ranks) + max(ranks)) / (2 * n)
+    margin = BRACKET_SIGMAS * math.sqrt(m * p * (1 - p)) + 16
+    first = math.floor(min(ranks) / n * m - margin)
+    last = math.ceil(max(ranks) / n * m + margin)
+    if first <= 0 or last >= m - 1:
+        return None  # a rank near the ends: the radix select is as cheap
+    # quickselect (kthvalue, 1-based) rather than a sort: linear in the sample size
+    lo, hi = sample.kthvalue(first + 1).values.view(1), sample.kthvalue(last + 1).values.view(1)
+    step = min(max(chunk_size_for(values.device, n), -(-n // 8)), 1 << 24)  # float 0/1 sums stay exact
+    scratch = torch.empty(min(step, n), dtype=torch.float32)
+    below, parts = 0, []
+    for i in range(0, n, step):  # one pass: count below the bracket, gather what is inside it
+        chunk = values[i : i + step]
+        # a float 0/1 result sums several times faster than a bool one on CPUs
+        below += int(torch.lt(chunk, lo, out=scratch[: chunk.numel()]).sum())
+        inside = torch.ge(chunk, lo)
+        parts.append(chunk[inside.logical_and_(chunk <= hi)])
+    between = torch.cat(parts)
+    if not (below <= min(ranks) and max(ranks) < below + between.numel()):
+        return None
+    if bool(lo == hi):  # the ranks fall in a run of one repeated value (e.g. exact zeros)
+        return lo.expand(len(ranks)).clone()
+    if between.numel() > n * BRACKET_MAX_SHARE:
+        return None
+    # the smallest wanted rank by quickselect; the next few (torch.quantile's neighbour) follow it
+    first_rank = min(ranks) - below
+    at_first = between.kthvalue(first_rank + 1).values
+    up_to_first = int((between <= at_first).sum())  # ranks [0, up_to_first) hold values <= at_first
+    after = max(ranks) - below + 1 - up_to_first
+    following = torch.topk(between[between > at_first], after, largest=False).values if after > 0 else None
+    return torch.stack([at_first if r - below < up_to_first else following[r - below - up_to_first] for r in ranks])
 
 
 def _resolve(hist: Tensor, row: int, queries, chosen: dict[int, tuple[int, int, int]]) -> None:
