@@ -211,6 +211,7 @@ def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
     import zsharp_algos.order_stats as os_mod
 
     monkeypatch.setattr(os_mod, "BRACKET_SAMPLE", 1 << 14)
+    monkeypatch.setattr(os_mod, "_crowded", lambda values: True)
     gen = torch.Generator().manual_seed(2)
     n = 200_000
     values = torch.randn(n, generator=gen).abs()
@@ -242,6 +243,16 @@ def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
     want = values.sort().values
     assert torch.equal(got, torch.stack([want[r] for r in ranks + [5, n // 3]]))
     assert len(calls) == 1 and (calls[0] is not None) == bracketed
+
+
+def test_bracket_is_tried_only_where_a_bin_is_crowded():
+    from zsharp_algos.order_stats import _crowded
+
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.randn(300_000, generator=gen).abs()
+    crowded = spread.clone()
+    crowded[::7] = 1.5 + torch.rand(crowded[::7].numel(), generator=gen) * 2.0**-10  # 14% share one bin
+    assert not _crowded(spread) and _crowded(crowded)
 
 
 @pytest.mark.parametrize("seed", range(4))
