@@ -136,3 +136,23 @@ def test_channels_last_parameter_keeps_its_layout():
     opt.restore()
     ref_opt.restore()
     assert conv.weight.stride() == strides and torch.equal(conv.weight, ref.weight)
+
+
+def test_zsharp_builds_w_prime_in_its_buffer_so_the_peak_stays_one_buffer():
+    """ZSharp keeps a parameter-sized |z| buffer anyway: w' goes there (|z| is dead by then) and
+    the first-pass gradients are freed, so the second backward runs with w, that buffer and its
+    own gradients, as with SAM's w, w' and gradients."""
+    model = make_model()
+    opt = ZSharp(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    _first_pass(model, x, y)
+    grads = [p.grad for p in model.parameters()]
+    opt.first_step(zero_grad=True)
+    (flat,) = opt._flat_backups.values()
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    assert len(opt._kept) == len(grads)
+    assert all(start <= p.data_ptr() < end for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, w + g) for p, (_, w), g in zip(model.parameters(), opt._kept, grads))
+    opt.restore()
+    assert not any(start <= p.data_ptr() < end for p in model.parameters())

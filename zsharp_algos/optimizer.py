@@ -14,10 +14,10 @@ With ``interval=k`` only every k-th step is a sharpness step; the others are pla
 that call the closure once.
 
 Where ``w'`` lives: in :meth:`~SharpnessAwareOptimizer.step` the first-pass gradient is dead once
-``e`` is formed, so ``w' = e + w`` is built in the gradient's own memory and the parameter is
-pointed at it (``p.data = w'``); restoring points it back. That costs one pass over the weights
-and no memory beyond SGD's, where saving and copying back would cost four passes and a
-parameter-sized buffer. A parameter whose storage anything else can see (a view, or a tensor
+``e`` is formed, so ``w' = e + w`` is built in the gradient's own memory (SAM) or in the
+parameter-sized buffer the direction keeps anyway (ZSharp's |z|, dead by then; the gradients are
+freed) and the parameter is pointed at it (``p.data = w'``); restoring points it back. SAM then
+keeps no buffer between steps, and neither pays the copy back. A parameter whose storage anything else can see (a view, or a tensor
 other tensors view, such as a flat buffer behind the model's weights) or whose gradient is not
 its own plain tensor (DDP's ``gradient_as_bucket_view``) is never re-pointed: its weights are
 saved to a persistent flat buffer, perturbed in place and copied back, exactly as before.
@@ -222,11 +222,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return params, grads
 
     def _perturb(self, params: list[Tensor], grads: list[Tensor], coefs: list[Tensor], repoint: bool) -> None:
-        """grads <- e = c * T^2 * d, then w' = w + e: built in the gradient's memory and the
-        parameter re-pointed at it where ``repoint`` allows and nothing else shares either
-        storage; else w saved to the flat buffer and perturbed in place. Multi-tensor kernels
-        per device/dtype. (Forming e first costs a pass over the gradients, but keeps ``w' = w + e``
-        exact for every caller; a fused ``w + c * d`` rounds differently.)"""
+        """grads <- e = c * T^2 * d, then w' = w + e in new memory with the parameter re-pointed
+        at it, where ``repoint`` allows and nothing else shares the parameter's storage: the
+        gradient's own memory, or the flat buffer's when the direction keeps one anyway (ZSharp's
+        |z|, dead by now: the gradients are then freed before the second backward, so the peak
+        stays one parameter-sized buffer above SGD's). Otherwise w is saved to the flat buffer
+        and perturbed in place. Multi-tensor kernels per device/dtype. (Forming e first costs a
+        pass over the gradients, but keeps ``w' = w + e`` exact for every caller; a fused
+        ``w + c * d`` rounds differently.)"""
         for idx, (ps, gs) in group_by_device_dtype(params, grads):
             if self.adaptive:
                 torch._foreach_mul_(gs, ps)
@@ -236,7 +239,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(gs, cs[0])
             else:
                 torch._foreach_mul_(gs, cs)
-        movable = [repoint and _may_repoint(p, g) for p, g in zip(params, grads)]
+        into_buffer = self.direction.uses_storage
+        movable = [repoint and _may_repoint(p, None if into_buffer else g) for p, g in zip(params, grads)]
         in_place = [p for p, m in zip(params, movable) if not m]
         if in_place:
             backups = self._backup_buffers(in_place)
@@ -246,12 +250,21 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(ps, es_)
             self._perturbed = in_place
         moved = [(p, g) for p, g, m in zip(params, grads, movable) if m]
-        if moved:
-            for _, (ps, es) in group_by_device_dtype(*map(list, zip(*moved))):
-                torch._foreach_add_(es, ps)  # e + w: the same float as w + e
-            for p, w_prime in moved:
-                self._kept.append((p, p.data))
-                p.data = w_prime
+        if not moved:
+            return
+        ps, es = map(list, zip(*moved))
+        if into_buffer:
+            targets = self._backup_buffers(ps)
+            for _, (ps_, es_, ts) in group_by_device_dtype(ps, es, targets):
+                torch._foreach_copy_(ts, ps_)
+                torch._foreach_add_(ts, es_)
+        else:
+            targets = es
+            for _, (ps_, es_) in group_by_device_dtype(ps, es):
+                torch._foreach_add_(es_, ps_)  # e + w: the same float as w + e
+        for p, w_prime in zip(ps, targets):
+            self._kept.append((p, p.data))
+            p.data = w_prime
 
     def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """The persistent save buffer: one flat tensor per device/dtype, views per parameter.
@@ -318,17 +331,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}({hp}, base={type(self.base_optimizer).__name__})"
 
 
-def _may_repoint(param: Tensor, grad: Tensor) -> bool:
-    """Whether ``param`` may be pointed at new memory holding ``w'`` built in ``grad``'s memory:
-    both are plain tensors that own their storage alone (nothing else views them: not a
-    parameter backed by a shared flat buffer, not a DDP bucket view), with the same layout."""
-    return (
-        type(grad) is Tensor
-        and type(param) in (Tensor, nn.Parameter)
-        and grad.stride() == param.stride()
-        and _sole_owner(param)
-        and _sole_owner(grad)
-    )
+def _may_repoint(param: Tensor, grad: Tensor | None) -> bool:
+    """Whether ``param`` may be pointed at new memory holding ``w'``: it is a plain tensor that
+    owns its storage alone (not a view, not a flat buffer the model's weights view). If ``w'`` is
+    to be built in ``grad``'s memory, the same holds for ``grad`` (not a DDP bucket view) and it
+    has the parameter's layout."""
+    if type(param) not in (Tensor, nn.Parameter) or not _sole_owner(param):
+        return False
+    return grad is None or (type(grad) is Tensor and grad.stride() == param.stride() and _sole_owner(grad))
 
 
 def _sole_owner(t: Tensor) -> bool:

@@ -182,7 +182,7 @@ def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
     """Exact order statistics of 1-D float32 ``values`` at ``ranks`` (close together), or None
     when the sample's bracket misses them (then the caller's radix select answers).
 
-    The sorted strided sample's ranks around ``rank / n`` give values ``lo <= hi`` that, for any
+    The strided sample's order statistics around ``rank / n`` give values ``lo <= hi`` that, for any
     data not ordered adversarially against the stride, enclose the wanted ones. Counting
     ``values < lo`` and ``values <= hi`` proves it (or not): then the answer is the
     ``(rank - below)``-th smallest of the values in ``[lo, hi]``, a percent or two of them
@@ -202,21 +202,26 @@ def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
     lo, hi = sample.kthvalue(first + 1).values.view(1), sample.kthvalue(last + 1).values.view(1)
     step = min(max(chunk_size_for(values.device, n), -(-n // 8)), 1 << 24)  # float 0/1 sums stay exact
     flags = torch.empty(2, min(step, n), dtype=torch.float32)
-    below, parts = 0, []
+    tied = bool(lo == hi)  # the ranks may fall in a run of one repeated value (e.g. exact zeros)
+    below, inside, parts = 0, 0, []
     for i in range(0, n, step):  # one pass: count below the bracket, gather what is inside it
         chunk = values[i : i + step]
         # float 0/1 flags: compared, summed and combined several times faster than bool on CPUs
         is_below, is_inside = flags[0, : chunk.numel()], flags[1, : chunk.numel()]
         below += int(torch.lt(chunk, lo, out=is_below).sum())
         torch.le(chunk, hi, out=is_inside).sub_(is_below)  # lo <= value <= hi
-        parts.append(chunk[is_inside.nonzero()[:, 0]])
-    between = torch.cat(parts)
-    if not (below <= min(ranks) and max(ranks) < below + between.numel()):
+        if tied:
+            inside += int(is_inside.sum())
+        else:
+            parts.append(chunk[is_inside.nonzero()[:, 0]])
+            inside += parts[-1].numel()
+            if inside > n * BRACKET_MAX_SHARE:  # too many to gather (heavy ties): bounded memory
+                return None
+    if not (below <= min(ranks) and max(ranks) < below + inside):
         return None
-    if bool(lo == hi):  # the ranks fall in a run of one repeated value (e.g. exact zeros)
+    if tied:
         return lo.expand(len(ranks)).clone()
-    if between.numel() > n * BRACKET_MAX_SHARE:
-        return None
+    between = torch.cat(parts)
     # the smallest wanted rank by quickselect; the next few (torch.quantile's neighbour) follow it
     first_rank = min(ranks) - below
     at_first = between.kthvalue(first_rank + 1).values
