@@ -139,7 +139,8 @@ class _ZScores:
     ``|z| = |(g - mean) / (std + 1e-8)|`` in float32, with the same operations as the
     reference (so thresholds and masks match it bit for bit). With ``storage`` (a flat float32
     buffer of at least as many elements as the gradients: the optimizer lends its persistent
-    flat buffer, free during the direction's call) |z| is computed once and read back as views. Without it (non-float32 weights), each read recomputes |z| chunk by chunk into a small
+    flat buffer, free during the direction's call) |z| is computed once and read back as views.
+    Without it (non-float32 weights), each read recomputes |z| chunk by chunk into a small
     scratch, so no model-sized temporary is ever made.
     """
 

@@ -17,10 +17,11 @@ Where ``w'`` lives: in :meth:`~SharpnessAwareOptimizer.step` the first-pass grad
 ``e`` is formed, so ``w' = e + w`` is built in the gradient's own memory (SAM) or in the
 parameter-sized buffer the direction keeps anyway (ZSharp's |z|, dead by then; the gradients are
 freed) and the parameter is pointed at it (``p.data = w'``); restoring points it back. SAM then
-keeps no buffer between steps, and neither pays the copy back. A parameter whose storage anything else can see (a view, or a tensor
-other tensors view, such as a flat buffer behind the model's weights) or whose gradient is not
-its own plain tensor (DDP's ``gradient_as_bucket_view``) is never re-pointed: its weights are
-saved to a persistent flat buffer, perturbed in place and copied back, exactly as before.
+keeps no buffer between steps, and neither pays the copy back. A parameter whose storage
+anything else can see (a view, or a tensor other tensors view, such as a flat buffer behind the
+model's weights) or whose gradient is not its own plain tensor (DDP's
+``gradient_as_bucket_view``) is never re-pointed: its weights are saved to a persistent flat
+buffer, perturbed in place and copied back.
 The direction's own work is streamed in chunks (ZSharp keeps |z| in that flat buffer).
 """
 from __future__ import annotations
@@ -194,10 +195,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for p, own in reversed(self._kept):
             p.data = own
         self._kept = []
-        if self._perturbed:
-            for _, (ps, bs) in group_by_device_dtype(self._perturbed, [self._backup[p] for p in self._perturbed]):
-                torch._foreach_copy_(ps, bs)
-            self._perturbed = []
+        _foreach_grouped(torch._foreach_copy_, self._perturbed, [self._backup[p] for p in self._perturbed])
+        self._perturbed = []
 
     def _base_step(self) -> None:
         self.step_count += 1
@@ -241,28 +240,21 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(gs, cs)
         into_buffer = self.direction.uses_storage
         movable = [repoint and _may_repoint(p, None if into_buffer else g) for p, g in zip(params, grads)]
-        in_place = [p for p, m in zip(params, movable) if not m]
-        if in_place:
-            backups = self._backup_buffers(in_place)
-            es = [g for g, m in zip(grads, movable) if not m]
-            for _, (ps, es_, bs) in group_by_device_dtype(in_place, es, backups):
-                torch._foreach_copy_(bs, ps)
-                torch._foreach_add_(ps, es_)
-            self._perturbed = in_place
+        in_place = [(p, g) for p, g, m in zip(params, grads, movable) if not m]
         moved = [(p, g) for p, g, m in zip(params, grads, movable) if m]
-        if not moved:
-            return
-        ps, es = map(list, zip(*moved))
-        if into_buffer:
-            targets = self._backup_buffers(ps)
-            for _, (ps_, es_, ts) in group_by_device_dtype(ps, es, targets):
-                torch._foreach_copy_(ts, ps_)
-                torch._foreach_add_(ts, es_)
-        else:
-            targets = es
-            for _, (ps_, es_) in group_by_device_dtype(ps, es):
-                torch._foreach_add_(es_, ps_)  # e + w: the same float as w + e
-        for p, w_prime in zip(ps, targets):
+        # w goes to the flat buffer: to be restored from (in place), or as the base of w' (into_buffer)
+        saved = in_place + (moved if into_buffer else [])
+        buffers = self._backup_buffers([p for p, _ in saved]) if saved else []
+        _foreach_grouped(torch._foreach_copy_, buffers, [p for p, _ in saved])
+        _foreach_grouped(torch._foreach_add_, [p for p, _ in in_place], [g for _, g in in_place])
+        self._perturbed = [p for p, _ in in_place]
+        if into_buffer:  # w' = w + e in the buffer
+            targets = buffers[len(in_place) :]
+            _foreach_grouped(torch._foreach_add_, targets, [g for _, g in moved])
+        else:  # w' = e + w (the same float) in the gradient
+            targets = [g for _, g in moved]
+            _foreach_grouped(torch._foreach_add_, targets, [p for p, _ in moved])
+        for (p, _), w_prime in zip(moved, targets):
             self._kept.append((p, p.data))
             p.data = w_prime
 
@@ -329,6 +321,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({hp}, base={type(self.base_optimizer).__name__})"
+
+
+def _foreach_grouped(op, dsts: list[Tensor], srcs: list[Tensor]) -> None:
+    """``op(dsts, srcs)`` as one multi-tensor kernel per device/dtype group."""
+    for _, (ds, ss) in group_by_device_dtype(dsts, srcs):
+        op(ds, ss)
 
 
 def _may_repoint(param: Tensor, grad: Tensor | None) -> bool:

@@ -117,7 +117,7 @@ def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int,
         mine = [q for q, (s, _) in enumerate(queries) if s == GLOBAL]
         found = _select_by_bracket(joined, [queries[q][1] for q in mine])
         if found is not None:
-            rest = [q for q in range(len(queries)) if q not in set(mine)]
+            rest = sorted(set(range(len(queries))) - set(mine))
             out = torch.empty(len(queries), dtype=torch.float32)
             out[mine] = found
             if rest:
@@ -169,12 +169,17 @@ BRACKET_MAX_SHARE = 1 / 16  # more values than this inside the bracket (heavy ti
 CROWDED_SHARE = 0.02  # a bin of the top 16 bits holding this share of the sample is crowded
 
 
+def _strided_sample(values: Tensor) -> Tensor:
+    """About :data:`BRACKET_SAMPLE` values at a fixed stride (a view)."""
+    return values[:: max(1, values.numel() // BRACKET_SAMPLE)]
+
+
 def _crowded(values: Tensor) -> bool:
     """Whether a strided sample of ``values`` puts a crowded share in one bin of the top 16 bits.
     ``bincount`` increments one counter at a time, so a crowded bin serialises it: on real
     gradients (timm resnet18, a fifth of |z| in one bin) round 1 takes ~3x as long as on spread
     values, and the bracket is faster; on spread values the radix select is."""
-    sample = values[:: max(1, values.numel() // BRACKET_SAMPLE)].contiguous()
+    sample = _strided_sample(values).contiguous()
     return int(torch.bincount(_halves(sample)[0], minlength=_HIGH_BINS).max()) > CROWDED_SHARE * sample.numel()
 
 
@@ -189,8 +194,7 @@ def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
     (gathered in the same pass, so a miss costs that pass).
     """
     n = values.numel()
-    stride = max(1, n // BRACKET_SAMPLE)
-    sample = values[::stride]
+    sample = _strided_sample(values)
     m = sample.numel()
     p = (min(ranks) + max(ranks)) / (2 * n)
     margin = BRACKET_SIGMAS * math.sqrt(m * p * (1 - p)) + 16
