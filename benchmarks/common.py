@@ -9,10 +9,13 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -120,6 +123,60 @@ def interleaved_medians(
     if faults is not None:
         faults.update({n: statistics.median(s) for n, s in fault_samples.items()})
     return {n: statistics.median(s) for n, s in samples.items()}
+
+
+class TensorMemory(TorchDispatchMode):
+    """Tensor bytes on ``device`` alive under the mode, relative to its start, and their peak,
+    seen op by op: a storage an op creates counts until it is freed, and one that existed before
+    (met as an op's input) counts out when it is freed. For devices whose allocator keeps no
+    statistics (the CPU); exact for tensors, blind to memory a kernel frees before it returns."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.live = self.peak = 0
+        self._watched: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            self._watch(t, created=False)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._watch(t, created=True)
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _watch(self, t, created: bool) -> None:
+        if not isinstance(t, torch.Tensor) or t.device != self.device:
+            return
+        storage = t.untyped_storage()  # one Python object per live storage: weakref-able
+        key = id(storage)
+        if key in self._watched:
+            return
+        nbytes = storage.nbytes()
+        self.live += nbytes if created else 0
+
+        def freed(_, key=key, nbytes=nbytes):
+            self._watched.pop(key, None)
+            self.live -= nbytes
+
+        self._watched[key] = weakref.ref(storage, freed)
+
+
+def memory_of(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """``(peak, end)``: the most tensor bytes allocated on ``device`` while ``fn`` ran, and those
+    still allocated when it returned, both relative to its start. CUDA: the caching allocator's
+    statistics; elsewhere :class:`TensorMemory`."""
+    if device.type == "cuda":
+        sync(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - start, torch.cuda.memory_allocated(device) - start
+    with TensorMemory(device) as mem:
+        fn()
+    return mem.peak, mem.live
 
 
 def write_json(out_dir: str, name: str, payload: dict) -> Path:

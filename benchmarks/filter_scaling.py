@@ -1,15 +1,17 @@
 """ZSharp's optimizer-only time and extra memory versus parameter count, up to resnet50,
 vit_base_patch16_224 (86M) and a single 22M-element tensor, where quantile-based peers fail.
 
+    python benchmarks/filter_scaling.py --device cpu --threads 2
     python benchmarks/filter_scaling.py --device cuda
-Memory is read from the CUDA caching allocator (exact); on CPU only times are recorded.
+Memory is read from the CUDA caching allocator, or on the CPU counted op by op over the tensors
+(``common.TensorMemory``); both exact for tensors.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from common import base_parser, interleaved_medians, machine, print_table, setup, sync, write_json
+from common import base_parser, interleaved_medians, machine, memory_of, print_table, setup, write_json
 from peers import LoopSAM, Ours, SeedZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
@@ -40,23 +42,22 @@ def measure(subject, device, rounds, warmup):
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     units, memory, failures = {}, {}, {}
     for name, make in METHODS.items():
-        sync(device)
-        base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        unit, failure = optimizer_only_unit(make(params), params, grads)
+        made = {}
+
+        def first_try(make=make):
+            made["unit"], made["failure"] = optimizer_only_unit(make(params), params, grads)
+
+        _, kept = memory_of(first_try, device)  # the optimizer's state and the unit's gradient copies
+        unit, failure = made["unit"], made["failure"]
         if failure:
             failures[name] = failure
             continue
-        if device.type == "cuda":
-            sync(device)
-            before = torch.cuda.memory_allocated(device)
-            unit.prepare()
-            torch.cuda.reset_peak_memory_stats(device)
-            unit()
-            sync(device)
-            memory[name] = {  # the unit's own gradient buffers (param-sized) are not the optimizer's
-                "persistent_x_params": (before - base_alloc - param_bytes) / param_bytes,
-                "transient_peak_x_params": (torch.cuda.max_memory_allocated(device) - before) / param_bytes,
-            }
+        unit.prepare()
+        peak, _ = memory_of(unit, device)
+        memory[name] = {  # the unit's own gradient copies (param-sized) are not the optimizer's
+            "persistent_x_params": (kept - param_bytes) / param_bytes,
+            "transient_peak_x_params": peak / param_bytes,
+        }
         units[name] = unit
     times = interleaved_medians(units, rounds, warmup, device)
     return {"params": n, "optimizer_only_s": times, "memory": memory, "failures": failures}

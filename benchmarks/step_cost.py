@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from common import base_parser, interleaved_medians, machine, print_table, setup, write_json
+from common import base_parser, interleaved_medians, machine, memory_of, print_table, setup, write_json
 from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
@@ -43,7 +43,9 @@ def build(spec, device):
     return timm.create_model(spec.pop("name"), num_classes=10, **spec).to(device)
 
 
-def full_steps(base_model, side, device, methods, batch, rounds, warmup, faults):
+def step_units(base_model, side, device, methods, batch):
+    """One timed unit per method: a whole interval cycle of ``opt.step(closure)`` (so its mean
+    per step is the cost), on its own copy of the model."""
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     units = {}
@@ -64,13 +66,27 @@ def full_steps(base_model, side, device, methods, batch, rounds, warmup, faults)
             loss.backward()
             return loss
 
-        def unit(opt=opt, closure=closure, k=k):  # a whole interval cycle, so its mean is the cost
+        def unit(opt=opt, closure=closure, k=k):
             for _ in range(k):
                 opt.step(closure)
             return k
 
         units[name] = unit
-    return interleaved_medians(units, rounds, warmup, device, faults)
+    return units
+
+
+def step_memory(units, device, param_bytes):
+    """Tensor memory of each method's first two cycles (the first allocates its state), from a
+    model with no gradients yet: the peak, and what stays allocated after (gradients, momentum,
+    persistent buffers), in parameter bytes and, where SGD ran, beyond SGD's."""
+    measured = {name: memory_of(lambda unit=unit: (unit(), unit()), device) for name, unit in units.items()}
+    out = {}
+    for name, (peak, kept) in measured.items():
+        out[name] = {"peak_x_params": peak / param_bytes, "kept_x_params": kept / param_bytes}
+        if "sgd" in measured:
+            out[name]["peak_beyond_sgd_x_params"] = (peak - measured["sgd"][0]) / param_bytes
+            out[name]["kept_beyond_sgd_x_params"] = (kept - measured["sgd"][1]) / param_bytes
+    return out
 
 
 def optimizer_only(base_model, device, methods, rounds, warmup):
@@ -110,6 +126,8 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the memory measurement (two untimed cycles per method, op by op on the CPU)")
     args = parser.parse_args()
     device = setup(args)
     results = {"machine": machine(device), "settings": vars(args), "models": {}}
@@ -120,17 +138,24 @@ def main():
     for key in args.models.split(","):
         model = build(MODELS[key], device)
         n_params = sum(p.numel() for p in model.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        units = step_units(model, MODELS[key]["input"], device, methods, args.batch)
+        memory = step_memory(units, device, param_bytes) if args.memory else {}
         faults: dict[str, float] = {}
-        steps = full_steps(model, MODELS[key]["input"], device, methods, args.batch, args.rounds, args.warmup, faults)
+        steps = interleaved_medians(units, args.rounds, args.warmup, device, faults)
         opt_only, failures = optimizer_only(model, device, methods, args.rounds, args.warmup)
         results["models"][key] = {"params": n_params, "step_s": steps, "minor_faults_per_step": faults,
-                                  "optimizer_only_s": opt_only,
-                                  "failures": failures}
+                                  "memory": memory, "optimizer_only_s": opt_only, "failures": failures}
         base = {m: steps[m] for m in ("sgd", "sam") if m in steps}
-        rows = [[m, t * 1e3] + [t / b for b in base.values()] + [round(faults[m])] for m, t in steps.items()]
+        beyond = "beyond_sgd_" if "sgd" in methods else ""
+        mem_cols = [f"peak {beyond}x params".replace("_", " "), f"kept {beyond}x params".replace("_", " ")] if memory else []
+        rows = [[m, t * 1e3] + [t / b for b in base.values()] + [round(faults[m])]
+                + ([f"{memory[m][f'peak_{beyond}x_params']:.2f}", f"{memory[m][f'kept_{beyond}x_params']:.2f}"]
+                   if memory else [])
+                for m, t in steps.items()]
         print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step; "
                     f"allocator: {results['machine']['allocator']}",
-                    ["method", "ms/step"] + [f"x {m.upper()}" for m in base] + ["page faults/step"], rows)
+                    ["method", "ms/step"] + [f"x {m.upper()}" for m in base] + ["page faults/step"] + mem_cols, rows)
         for k in (2, 5, 10):
             if f"zsharp_k{k}" in steps and "sgd" in steps:
                 print(f"  interval {k}: {steps[f'zsharp_k{k}'] / steps['sgd']:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")

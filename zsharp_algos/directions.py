@@ -133,6 +133,13 @@ class GradientDirection(Direction):
 
 
 # --------------------------------------------------------------------------- ZSharp
+def _moments(flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float32 ``mean``, ``std``, ``min`` and ``max`` of a flat tensor (one float32 copy at a time
+    for other dtypes, freed on return)."""
+    x = flat if flat.dtype == torch.float32 else flat.float()
+    return (x.mean(), x.std(), *torch.aminmax(x))
+
+
 class _ZScores:
     """Per-tensor z-score statistics of the gradients, and their |z| streamed in chunks.
 
@@ -149,23 +156,19 @@ class _ZScores:
         self.sizes = [f.numel() for f in self.flats]
         self.device = self.flats[0].device
         self.chunk = order_stats.chunk_size_for(self.device, sum(self.sizes))
-        self.mean: list[Tensor | None] = []
-        self.denom: list[Tensor | None] = []
-        self.max_abs: list[Tensor] = []
-        for f in self.flats:
-            if f.numel() < 2:  # std undefined: z = 0 by definition
-                self.mean.append(None)
-                self.denom.append(None)
-                self.max_abs.append(torch.zeros((), dtype=torch.float32, device=f.device))
-                continue
-            x = f if f.dtype == torch.float32 else f.float()
-            mean, denom = x.mean(), x.std() + ZSCORE_EPS
-            lo, hi = torch.aminmax(x)
-            # |z| is monotone in g on either side of the mean and every op is correctly rounded,
-            # so the largest |z| is reached at min(g) or max(g): exact, without a pass over |z|.
-            self.max_abs.append(torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs()))
-            self.mean.append(mean)
-            self.denom.append(denom)
+        # Per-tensor mean, std and extremes with the reference's reductions (bit for bit); the
+        # scalar arithmetic on them runs once over the stacked values, not once per tensor.
+        # A tensor of fewer than 2 entries (std undefined) has z = 0: it stands in as zeros.
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        stats = [_moments(f) if f.numel() >= 2 else (zero,) * 4 for f in self.flats]
+        mean, std, lo, hi = (torch.stack(column) for column in zip(*stats))
+        denom = std.add_(ZSCORE_EPS)
+        # |z| is monotone in g on either side of the mean and every op is correctly rounded,
+        # so the largest |z| is reached at min(g) or max(g): exact, without a pass over |z|.
+        self.max_abs = torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs())
+        valid = [n >= 2 for n in self.sizes]
+        self.mean = [m if ok else None for (m, *_), ok in zip(stats, valid)]
+        self.denom = [d if ok else None for d, ok in zip(denom.unbind(), valid)]
         self.offsets = [0]
         for n in self.sizes[:-1]:
             self.offsets.append(self.offsets[-1] + n)
@@ -204,8 +207,10 @@ class _ZScores:
             yield start, self._scratch[:n]
 
     def values(self, seg: int) -> Iterator[Tensor]:
-        """The chunks of tensor ``seg`` without their offsets (:data:`order_stats.ChunksFn`)."""
-        return (v for _, v in self.chunks(seg))
+        """The chunks of tensor ``seg`` without their offsets (:data:`order_stats.ChunksFn`), in
+        pieces of at most :func:`order_stats.scan_step` so selection's temporaries stay bounded
+        on a single huge tensor too."""
+        return (v for _, v in self.chunks(seg, max_len=order_stats.scan_step(self.device, sum(self.sizes))))
 
     def select(self, queries: Sequence[tuple[int, int]]) -> Tensor:
         """Exact order statistics of |z| (see :func:`order_stats.select`)."""
@@ -268,7 +273,7 @@ class ZScoreDirection(Direction):
         queries = [(order_stats.GLOBAL, lo), (order_stats.GLOBAL, hi)]
         # Rank of each tensor's top-20% boundary: its k-th largest value, k = max(1, floor(0.2 n)).
         fallback_queries = [(s, n - max(1, int(FALLBACK_FRACTION * n))) for s, n in enumerate(z.sizes)]
-        max_abs = torch.stack(z.max_abs)
+        max_abs = z.max_abs
         if order_stats.reads_host(z.device):
             # Where small results can be read for free, find the threshold first and then the
             # fallback ranks of only the tensors that need one (usually none).

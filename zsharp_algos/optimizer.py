@@ -245,12 +245,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # w goes to the flat buffer: to be restored from (in place), or as the base of w' (into_buffer)
         saved = in_place + (moved if into_buffer else [])
         buffers = self._backup_buffers([p for p, _ in saved]) if saved else []
-        _foreach_grouped(torch._foreach_copy_, buffers, [p for p, _ in saved])
+        _foreach_grouped(torch._foreach_copy_, buffers[: len(in_place)], [p for p, _ in in_place])
         _foreach_grouped(torch._foreach_add_, [p for p, _ in in_place], [g for _, g in in_place])
         self._perturbed = [p for p, _ in in_place]
         if into_buffer:  # w' = w + e in the buffer
             targets = buffers[len(in_place) :]
-            _foreach_grouped(torch._foreach_add_, targets, [g for _, g in moved])
+            _sum_into(targets, [p for p, _ in moved], [g for _, g in moved])
         else:  # w' = e + w (the same float) in the gradient
             targets = [g for _, g in moved]
             _foreach_grouped(torch._foreach_add_, targets, [p for p, _ in moved])
@@ -327,6 +327,19 @@ def _foreach_grouped(op, dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """``op(dsts, srcs)`` as one multi-tensor kernel per device/dtype group."""
     for _, (ds, ss) in group_by_device_dtype(dsts, srcs):
         op(ds, ss)
+
+
+def _sum_into(dsts: list[Tensor], xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``dsts[i] = xs[i] + ys[i]`` per device/dtype group. On the CPU, whose multi-tensor kernels
+    loop over the tensors anyway, one ``out=`` add per tensor reads each operand once; elsewhere
+    two multi-tensor kernels (copy, then add) beat a launch per tensor."""
+    for _, (ds, a, b) in group_by_device_dtype(dsts, xs, ys):
+        if ds[0].device.type == "cpu":
+            for d, x, y in zip(ds, a, b):
+                torch.add(x, y, out=d)
+        else:
+            torch._foreach_copy_(ds, a)
+            torch._foreach_add_(ds, b)
 
 
 def _may_repoint(param: Tensor, grad: Tensor | None) -> bool:

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GLOBAL", "chunk_size_for", "reads_host", "select"]
+__all__ = ["GLOBAL", "chunk_size_for", "reads_host", "scan_step", "select"]
 
 #: Query row meaning "all segments together" rather than one segment.
 GLOBAL = -1
@@ -68,6 +68,14 @@ def chunk_size_for(device: torch.device, total: int) -> int:
     while chunk * 2 <= limit:
         chunk *= 2
     return chunk
+
+
+def scan_step(device: torch.device, total: int) -> int:
+    """Elements per kernel call when a round reads stored values (no scratch to refill): an
+    eighth of ``total`` or :func:`chunk_size_for`, whichever is more, so the temporaries a
+    round makes per call (masks, copies of int16 halves, float flags) stay a small fraction of
+    the parameter bytes however the values are split into tensors."""
+    return max(chunk_size_for(device, total), -(-total // 8))
 
 
 def select(
@@ -130,8 +138,7 @@ def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int,
             return chunks(row)
         if joined is None:
             return (v for seg in range(n_seg) for v in chunks(seg))
-        # bounded temporaries: compaction makes a bool mask and int64 indices per chunk
-        step = max(chunk_size_for(joined.device, joined.numel()), -(-joined.numel() // 8))
+        step = scan_step(joined.device, joined.numel())
         return (joined[i : i + step] for i in range(0, joined.numel(), step))
 
     # Round 1: histogram of the high halves per queried row. A segment's histogram is resolved
@@ -204,7 +211,7 @@ def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
         return None  # a rank near the ends: the radix select is as cheap
     # quickselect (kthvalue, 1-based) rather than a sort: linear in the sample size
     lo, hi = sample.kthvalue(first + 1).values.view(1), sample.kthvalue(last + 1).values.view(1)
-    step = min(max(chunk_size_for(values.device, n), -(-n // 8)), 1 << 24)  # float 0/1 sums stay exact
+    step = min(scan_step(values.device, n), 1 << 24)  # float 0/1 sums stay exact
     flags = torch.empty(2, min(step, n), dtype=torch.float32)
     tied = bool(lo == hi)  # the ranks may fall in a run of one repeated value (e.g. exact zeros)
     below, inside, parts = 0, 0, []
