@@ -36,15 +36,18 @@ def parameters(subject, device):
 
 
 def measure(subject, device, rounds, warmup):
-    params = parameters(subject, device)
-    grads = [torch.randn_like(p) for p in params]
-    n = sum(p.numel() for p in params)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    params0 = parameters(subject, device)
+    grads = [torch.randn_like(p) for p in params0]
+    n = sum(p.numel() for p in params0)
+    param_bytes = sum(p.numel() * p.element_size() for p in params0)
     units, memory, failures = {}, {}, {}
     for name, make in METHODS.items():
+        # Each implementation gets its own weights: a peer that keeps a tensor sharing a weight's
+        # storage (the loop's saved copy, swapped in) would otherwise turn ours to its in-place path.
+        params = [nn.Parameter(p.detach().clone()) for p in params0]
         made = {}
 
-        def first_try(make=make):
+        def first_try(make=make, params=params):
             made["unit"], made["failure"] = optimizer_only_unit(make(params), params, grads)
 
         _, kept = memory_of(first_try, device)  # the optimizer's state and the unit's gradient copies

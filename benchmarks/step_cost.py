@@ -3,7 +3,10 @@ against the peers, on timm resnet18 and a small ViT at CIFAR size (batch 64); Vi
 on request (its ZSharp / SAM step target).
 
     python benchmarks/step_cost.py --device cpu --threads 2
-    python benchmarks/step_cost.py --models vit_base_224 --methods sam,zsharp --rounds 2 --warmup 1
+    python benchmarks/step_cost.py --models vit_base_224 --methods sam,zsharp --rounds 2 --warmup 1 --no-memory --allocator system
+
+(ViT-B/16 at batch 64 on a 24 GB CPU machine: each method trains its own model copy, and three
+copies with freed memory retained ran out of memory; two copies with the C library's allocator fit.)
 """
 from __future__ import annotations
 
