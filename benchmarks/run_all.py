@@ -60,7 +60,7 @@ def chart(out: Path) -> list[Path]:
                        width, label="kept after the step", color="tab:gray")
                 ax.set_xticks(list(xs), names, rotation=45)
                 ax.legend(fontsize=8)
-            ax.set_title(f"{key} ({device}): memory beyond SGD, x param bytes")
+            ax.set_title(f"{key} ({device}): memory beyond SGD (x params)")
         fig.tight_layout()
         written.append(out / "bench.png")
         fig.savefig(written[-1], dpi=110)
