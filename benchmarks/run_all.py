@@ -120,9 +120,9 @@ def main() -> None:
         if not args.quick:  # ViT-B/16 at 224: the ZSharp / SAM step target (half a minute per pass on a CPU)
             # On the CPU: two model copies, and freed activations handed back to the OS; three copies
             # with memory retained went past 24 GB.
-            cpu = ["--no-memory", "--allocator", "system"] if device == "cpu" else []
-            run("step_cost.py", *common, "--models", "vit_base_224", "--methods", "sam,zsharp" if cpu else "sgd,sam,zsharp",
-                "--rounds", "2" if cpu else "10", "--warmup", "1", *cpu)
+            sized = ["--methods", "sam,zsharp", "--rounds", "2", "--no-memory", "--allocator", "system"] \
+                if device == "cpu" else ["--methods", "sgd,sam,zsharp", "--rounds", "10"]
+            run("step_cost.py", *common, "--models", "vit_base_224", "--warmup", "1", *sized)
         subjects = ["--subjects", "resnet18"] if args.quick else []
         run("filter_scaling.py", *common, *subjects, *quick)
     for path in chart(Path(args.out)):

@@ -150,11 +150,11 @@ def main():
         results["models"][key] = {"params": n_params, "step_s": steps, "minor_faults_per_step": faults,
                                   "memory": memory, "optimizer_only_s": opt_only, "failures": failures}
         base = {m: steps[m] for m in ("sgd", "sam") if m in steps}
-        beyond = "beyond_sgd_" if "sgd" in methods else ""
-        mem_cols = [f"peak {beyond}x params".replace("_", " "), f"kept {beyond}x params".replace("_", " ")] if memory else []
+        # memory columns: beyond SGD's where SGD ran, else absolute
+        mem_keys = [f"{what}_{'beyond_sgd_' if 'sgd' in methods else ''}x_params" for what in ("peak", "kept")]
+        mem_cols = [k.replace("_", " ") for k in mem_keys] if memory else []
         rows = [[m, t * 1e3] + [t / b for b in base.values()] + [round(faults[m])]
-                + ([f"{memory[m][f'peak_{beyond}x_params']:.2f}", f"{memory[m][f'kept_{beyond}x_params']:.2f}"]
-                   if memory else [])
+                + ([f"{memory[m][k]:.2f}" for k in mem_keys] if memory else [])
                 for m, t in steps.items()]
         print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step; "
                     f"allocator: {results['machine']['allocator']}",

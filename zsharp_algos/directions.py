@@ -155,24 +155,26 @@ class _ZScores:
         self.flats = [flat_view(g) for g in grads]
         self.sizes = [f.numel() for f in self.flats]
         self.device = self.flats[0].device
-        self.chunk = order_stats.chunk_size_for(self.device, sum(self.sizes))
+        total = sum(self.sizes)
+        self.chunk = order_stats.chunk_size_for(self.device, total)
+        self.scan = order_stats.scan_step(self.device, total)  # piece length when selection reads stored |z|
         # Per-tensor mean, std and extremes with the reference's reductions (bit for bit); the
         # scalar arithmetic on them runs once over the stacked values, not once per tensor.
         # A tensor of fewer than 2 entries (std undefined) has z = 0: it stands in as zeros.
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        stats = [_moments(f) if f.numel() >= 2 else (zero,) * 4 for f in self.flats]
+        valid = [n >= 2 for n in self.sizes]
+        stats = [_moments(f) if ok else (zero,) * 4 for f, ok in zip(self.flats, valid)]
         mean, std, lo, hi = (torch.stack(column) for column in zip(*stats))
         denom = std.add_(ZSCORE_EPS)
         # |z| is monotone in g on either side of the mean and every op is correctly rounded,
         # so the largest |z| is reached at min(g) or max(g): exact, without a pass over |z|.
         self.max_abs = torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs())
-        valid = [n >= 2 for n in self.sizes]
         self.mean = [m if ok else None for (m, *_), ok in zip(stats, valid)]
         self.denom = [d if ok else None for d, ok in zip(denom.unbind(), valid)]
         self.offsets = [0]
         for n in self.sizes[:-1]:
             self.offsets.append(self.offsets[-1] + n)
-        self.joined = storage[: sum(self.sizes)] if storage is not None else None  # |z|, tensor after tensor
+        self.joined = storage[:total] if storage is not None else None  # |z|, tensor after tensor
         if self.joined is not None:
             for seg, n in enumerate(self.sizes):
                 self._compute(seg, 0, n, self._stored(seg, 0, n))
@@ -210,7 +212,7 @@ class _ZScores:
         """The chunks of tensor ``seg`` without their offsets (:data:`order_stats.ChunksFn`), in
         pieces of at most :func:`order_stats.scan_step` so selection's temporaries stay bounded
         on a single huge tensor too."""
-        return (v for _, v in self.chunks(seg, max_len=order_stats.scan_step(self.device, sum(self.sizes))))
+        return (v for _, v in self.chunks(seg, max_len=self.scan))
 
     def select(self, queries: Sequence[tuple[int, int]]) -> Tensor:
         """Exact order statistics of |z| (see :func:`order_stats.select`)."""
