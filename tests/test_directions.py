@@ -10,6 +10,7 @@ from zsharp_algos import SAM, ZSharp
 from zsharp_algos.directions import GradientDirection, ZScoreDirection, linear_rank
 from zsharp_algos.order_stats import GLOBAL, select
 
+from reference import zscore as reference_zscore
 from reference import (
     sam_perturbation,
     zsharp_global_masks,
@@ -276,8 +277,9 @@ def test_both_selection_strategies_and_storage_modes_agree_bitwise(seed, scope, 
             direction = ZScoreDirection(70, scope)
             gs = [g.clone() for g in grads]
             storage = torch.full((sum(g.numel() for g in gs) + 3,), float("nan")) if stored else None
-            coefs = direction([torch.zeros(s) for s in shapes], gs, rho=0.05, eps=1e-12, adaptive=False, storage=storage)
-            results.append([g * c for g, c in zip(gs, coefs)])
+            norms = direction([torch.zeros(s) for s in shapes], gs, adaptive=[False] * len(gs), storage=storage)
+            assert norms.shape == (len(gs),) and norms.dtype == torch.float32
+            results.append([g * (0.05 / (n + 1e-12)) for g, n in zip(gs, norms.unbind())])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -387,3 +389,37 @@ def test_cuda_matches_cpu_without_syncs(kw):
     for p, want in zip(params, e_cpu):
         assert torch.equal(p.grad.cpu() != 0, want != 0)
         torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------ the call contract
+def test_direction_returns_the_norms_that_divide_each_tensor():
+    """SAM: the global norm of T g, with T = |w| only for the tensors flagged adaptive; ZSharp's
+    tensor scope: each filtered tensor's own norm, the raw global norm for the others."""
+    weights = random_grads(7, SHAPES)
+    grads = random_grads(8, SHAPES)
+    flags = [i % 2 == 0 for i in range(len(SHAPES))]
+    gs = [g.clone() for g in grads]
+    norms = GradientDirection()(weights, gs, adaptive=flags)
+    want = torch.stack([((w.abs() if a else 1) * g).norm() for w, g, a in zip(weights, grads, flags)]).norm()
+    assert norms.shape == (len(SHAPES),) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms, want.expand(len(SHAPES)))
+    assert all(torch.equal(a, b) for a, b in zip(gs, grads))  # d = g
+
+    gs = [g.clone() for g in grads]
+    norms = ZScoreDirection(95, "tensor")(weights, gs, adaptive=flags)
+    raw = torch.stack([((w.abs() if a else 1) * g).norm() for w, g, a in zip(weights, grads, flags)]).norm()
+    for i, (w, g, d, a) in enumerate(zip(weights, grads, gs, flags)):
+        if g.dim() > 1:
+            z = reference_zscore(g).abs()
+            assert torch.equal(d, g * (z > torch.quantile(z.flatten(), 0.95)))
+            torch.testing.assert_close(norms[i], ((w.abs() if a else 1) * d).norm())
+        else:
+            assert torch.equal(d, g)
+            torch.testing.assert_close(norms[i], raw)
+
+
+@pytest.mark.parametrize("make", [lambda: GradientDirection(), lambda: ZScoreDirection(70, "global"), lambda: ZScoreDirection(70, "tensor")])
+def test_float64_gradients_get_float64_norms(make):
+    grads = [g.double() for g in random_grads(9, SHAPES)]
+    norms = make()([torch.ones_like(g) for g in grads], [g.clone() for g in grads], adaptive=[True] * len(grads))
+    assert norms.dtype == torch.float64 and norms.shape == (len(SHAPES),)

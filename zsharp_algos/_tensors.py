@@ -39,7 +39,8 @@ def group_by_device_dtype(*lists: Sequence[Tensor]) -> list[tuple[list[int], tup
     return [(idx, tuple([lst[i] for i in idx] for lst in lists)) for idx in groups.values()]
 
 
-def total_norm(norms: Sequence[Tensor]) -> Tensor:
-    """L2 norm of a list of 0-dim norms (possibly on several devices), on the first's device."""
+def total_norm(norms: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """L2 norm of a list of 0-dim norms (possibly on several devices), on the first's device, in
+    ``dtype``."""
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))

@@ -3,16 +3,22 @@ r"""Ascent directions: the one place where SAM and ZSharp differ.
 Every sharpness-aware step perturbs the weights by
 
 .. math::
-    e_i = c_i \, T_i^2 \, d_i, \qquad c_i = \frac{\rho}{\lVert T d \rVert_{G(i)} + \epsilon}
+    e_i = \frac{\rho_i}{\nu_i + \epsilon_i} \, T_i^2 \, d_i, \qquad \nu_i = \lVert T d \rVert_{G(i)}
 
 where :math:`d` is the ascent direction built from the first-pass gradient :math:`g`,
-:math:`T = |w|` for adaptive (ASAM) steps and :math:`T = 1` otherwise, and :math:`G(i)` is the
-group of tensors whose norm scales tensor :math:`i` (the whole model, or the tensor alone).
+:math:`T_i = |w_i|` for adaptive (ASAM) tensors and :math:`T_i = 1` otherwise, and :math:`G(i)`
+is the group of tensors whose norm scales tensor :math:`i` (all tensors passed, or the tensor
+alone).
+
+The call contract::
+
+    norms = direction(params, grads, adaptive=[...], storage=None)   # 1-D, one entry per tensor
 
 A direction writes :math:`d` into the gradients **in place** (they are not needed afterwards:
-the second pass recomputes them) and returns the coefficients :math:`c_i`. The optimizer
-(:mod:`zsharp_algos.optimizer`) applies :math:`T^2`, the coefficients and the perturbation with
-multi-tensor kernels, identically for every direction.
+the second pass recomputes them) and returns the norms :math:`\nu_i` (float32, or float64 when
+the gradients are float64, on the gradients' device). ``rho`` and ``eps`` are per param group,
+so they are not the direction's business: the caller forms :math:`e_i` with multi-tensor
+kernels, identically for every direction.
 
 Directions:
 
@@ -33,8 +39,9 @@ Directions:
     gradient is all zero, get SAM's scaling of the raw gradient (global raw norm). This is the
     paper's official code (which uses ``percentile=95``).
 
-All statistics are computed in float32 whatever the gradient dtype; thresholds are exact order
-statistics (:mod:`zsharp_algos.order_stats`), with no element cap and no host sync.
+Statistics are computed in float32 for float32, bfloat16 and float16 gradients, and norms, mean
+and std in float64 for float64 gradients; thresholds are exact order statistics
+(:mod:`zsharp_algos.order_stats`), with no element cap and no host sync.
 """
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ FALLBACK_FRACTION = 0.2  # global scope: a tensor that keeps nothing keeps its t
 
 
 class Direction:
-    """Builds the ascent direction in place and returns the per-tensor coefficients."""
+    """Builds the ascent direction in place and returns the per-tensor norms that divide it."""
 
     name = "base"
     uses_storage = False  # whether it works in the ``storage`` buffer when one is lent
@@ -65,12 +72,13 @@ class Direction:
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
         *,
-        rho: float,
-        eps: float,
-        adaptive: bool,
+        adaptive: Sequence[bool],
         storage: Tensor | None = None,
-    ) -> list[Tensor]:
-        """``storage``: an optional flat float32 buffer with at least as many elements as
+    ) -> Tensor:
+        """Write the direction ``d`` into ``grads`` and return the 1-D tensor of norms ``nu_i``.
+
+        ``adaptive[i]``: whether ``T_i = |w_i|`` (ASAM) for tensor ``i``, else ``T_i = 1``.
+        ``storage``: an optional flat float32 buffer with at least as many elements as
         ``grads``, free to overwrite during the call (a direction may keep work there)."""
         raise NotImplementedError
 
@@ -90,36 +98,62 @@ def register_direction(name: str):
 
 
 # --------------------------------------------------------------------------- norms
-def weighted_norms(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool) -> list[Tensor]:
-    """Per-tensor float32 norms of ``T * g`` (``T = |w|`` if adaptive, else 1)."""
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision statistics of a gradient of ``dtype`` are computed in: float64 for float64,
+    float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_dtype(grads: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of the norms a direction returns: float64 if any gradient is float64."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def _flags(adaptive: bool | Sequence[bool], n: int) -> list[bool]:
+    if isinstance(adaptive, bool):
+        return [adaptive] * n
+    flags = [bool(a) for a in adaptive]
+    if len(flags) != n:
+        raise ValueError(f"adaptive has {len(flags)} entries for {n} tensors")
+    return flags
+
+
+def weighted_norms(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool | Sequence[bool]) -> list[Tensor]:
+    """Per-tensor norms of ``T_i * g_i`` (``T_i = |w_i|`` where ``adaptive[i]``, else 1), in
+    :func:`stat_dtype` of each gradient."""
+    flags = _flags(adaptive, len(grads))
     norms: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
-    if not adaptive:
-        for idx, (gs,) in group_by_device_dtype(grads):
-            for i, n in zip(idx, torch._foreach_norm(gs, 2, dtype=torch.float32)):
-                norms[i] = n
-        return norms
-    chunk = order_stats.chunk_size_for(grads[0].device, sum(g.numel() for g in grads))
-    for i, (p, g) in enumerate(zip(params, grads)):
-        norms[i] = _chunked_norm(flat_view(g), flat_view(p.detach()), chunk)
+    plain = [i for i, a in enumerate(flags) if not a]
+    for idx, (gs,) in group_by_device_dtype([grads[i] for i in plain]):
+        for i, n in zip(idx, torch._foreach_norm(gs, 2, dtype=stat_dtype(gs[0].dtype))):
+            norms[plain[i]] = n
+    if len(plain) < len(grads):
+        chunk = order_stats.chunk_size_for(grads[0].device, sum(g.numel() for g in grads))
+        for i, a in enumerate(flags):
+            if a:
+                norms[i] = _chunked_norm(flat_view(grads[i]), flat_view(params[i].detach()), chunk)
     return norms
 
 
 def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
-    """``||w * g||`` in float32, streamed in chunks so no tensor-sized temporary is made."""
+    """``||w * g||`` in :func:`stat_dtype`, streamed in chunks so no tensor-sized temporary is made."""
+    dtype = stat_dtype(g.dtype)
     if g.numel() <= chunk:
-        x = g.float() if w is None else g.float() * w.float()
+        x = g.to(dtype) if w is None else g.to(dtype) * w.to(dtype)
         return torch.linalg.vector_norm(x)
-    sq = torch.zeros((), dtype=torch.float32, device=g.device)
+    sq = torch.zeros((), dtype=dtype, device=g.device)
     for start, n in chunk_ranges(g.numel(), chunk):
-        x = g[start : start + n].float()
+        x = g[start : start + n].to(dtype)
         if w is not None:
-            x = x * w[start : start + n].float()
+            x = x * w[start : start + n].to(dtype)
         sq += torch.linalg.vector_norm(x).square()
     return sq.sqrt()
 
 
-def _coefficient(rho: float, norm: Tensor, eps: float) -> Tensor:
-    return rho / (norm + eps)
+def _global_norms(params, grads, adaptive) -> Tensor:
+    """The global norm of ``T g`` over all tensors, one entry per tensor."""
+    norm = total_norm(weighted_norms(params, grads, adaptive), norm_dtype(grads))
+    return norm.repeat(len(grads))
 
 
 # --------------------------------------------------------------------------- SAM
@@ -127,15 +161,15 @@ def _coefficient(rho: float, norm: Tensor, eps: float) -> Tensor:
 class GradientDirection(Direction):
     """SAM: ascend along the gradient itself, scaled by its global norm."""
 
-    def __call__(self, params, grads, *, rho, eps, adaptive, storage=None):
-        coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
-        return [coef] * len(grads)
+    def __call__(self, params, grads, *, adaptive, storage=None):
+        return _global_norms(params, grads, adaptive)
 
 
 # --------------------------------------------------------------------------- ZSharp
 def _moments(flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """float32 ``mean``, ``std``, ``min`` and ``max`` of a flat tensor (one float32 copy at a time
     for other dtypes, freed on return)."""
+    # float64 gradients: float32 statistics for now (their float64 path is the segmented filter's)
     x = flat if flat.dtype == torch.float32 else flat.float()
     return (x.mean(), x.std(), *torch.aminmax(x))
 
@@ -258,7 +292,7 @@ class ZScoreDirection(Direction):
         self.percentile = float(percentile)
         self.scope = scope
 
-    def __call__(self, params, grads, *, rho, eps, adaptive, storage=None):
+    def __call__(self, params, grads, *, adaptive, storage=None):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise ValueError(
@@ -266,11 +300,11 @@ class ZScoreDirection(Direction):
             )
         z = _ZScores(grads, storage)
         if self.scope == "global":
-            return self._global(params, grads, z, rho, eps, adaptive)
-        return self._per_tensor(params, grads, z, rho, eps, adaptive)
+            return self._global(params, grads, z, adaptive)
+        return self._per_tensor(params, grads, z, adaptive)
 
     # -- scope="global": seed README behaviour
-    def _global(self, params, grads, z, rho, eps, adaptive):
+    def _global(self, params, grads, z, adaptive):
         lo, hi, weight = linear_rank(self.percentile / 100.0, sum(z.sizes))
         queries = [(order_stats.GLOBAL, lo), (order_stats.GLOBAL, hi)]
         # Rank of each tensor's top-20% boundary: its k-th largest value, k = max(1, floor(0.2 n)).
@@ -293,16 +327,15 @@ class ZScoreDirection(Direction):
         per_tensor = torch.where(max_abs >= threshold, threshold, fallback)
         segs = list(range(len(grads)))
         _apply_masks(z, segs, per_tensor, Tensor.ge_)
-        coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
-        return [coef] * len(grads)
+        return _global_norms(params, grads, adaptive)
 
     # -- scope="tensor": the paper's official behaviour
-    def _per_tensor(self, params, grads, z, rho, eps, adaptive):
-        raw_coef = _coefficient(rho, total_norm(weighted_norms(params, grads, adaptive)), eps)
-        coefs = [raw_coef] * len(grads)
+    def _per_tensor(self, params, grads, z, adaptive):
+        flags = _flags(adaptive, len(grads))
+        norms = _global_norms(params, grads, flags)  # the raw norm: tensors not filtered
         segs = [s for s, g in enumerate(grads) if g.dim() > 1]
         if not segs:
-            return coefs
+            return norms
         queries, weights = [], []
         for s in segs:
             lo, hi, weight = linear_rank(self.percentile / 100.0, z.sizes[s])
@@ -313,11 +346,10 @@ class ZScoreDirection(Direction):
         # Is anything left after filtering? Needs the whole tensor before it is masked in place.
         keep_all = _kept_square_norms(z, segs, thresholds) == 0  # all filtered out: raw gradient
         _apply_masks(z, segs, thresholds, Tensor.gt_, keep_all.float())
-        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], adaptive)
-        own = torch.where(keep_all, raw_coef, _coefficient(rho, torch.stack(own_norms), eps))
-        for j, s in enumerate(segs):
-            coefs[s] = own[j]
-        return coefs
+        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], [flags[s] for s in segs])
+        own = torch.stack([n.to(norms.dtype) for n in own_norms])
+        norms[order_stats._device_ints(tuple(segs), norms.device)] = torch.where(keep_all, norms[0], own)
+        return norms
 
 
 def _apply_masks(z: _ZScores, segs, thresholds: Tensor, keep, keep_all: Tensor | None = None) -> None:

@@ -171,7 +171,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 storage = self._flat_backups.get((grads[0].device, torch.float32))
                 if storage is not None and storage.numel() < sum(g.numel() for g in grads):
                     storage = None
-            coefs = self.direction(params, grads, rho=self.rho, eps=self.eps, adaptive=self.adaptive, storage=storage)
+            norms = self.direction(params, grads, adaptive=[self.adaptive] * len(grads), storage=storage)
+            coefs = list((self.rho / (norms + self.eps)).unbind())
             try:
                 self._perturb(params, grads, coefs, repoint=zero_grad)
             except BaseException:
