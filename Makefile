@@ -3,17 +3,19 @@
 #   make test   - create/update the same .venv with the dev extras and run the whole test suite
 # and:
 #   make test-latest - the core on the newest torch available here (.venv-latest, no Composer/timm)
+#   make wheel       - build the wheel into dist/ (install it with pip install dist/zsharp_algos-*.whl)
 #   make bench       - the benchmark set (benchmarks/), JSON + table + PNG chart
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LATEST := .venv-latest
-TORCH_LATEST ?= 2.13.0
+# The newest torch pip installs here (`pip index versions torch`; this machine's pip caps it at 2.14.1).
+TORCH_LATEST ?= 2.14.1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-latest bench clean
+.PHONY: demo test test-latest wheel bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +48,14 @@ $(LATEST)/.installed: pyproject.toml constraints-latest.txt | $(LATEST)/bin/pyth
 test-latest: $(LATEST)/.installed
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The wheel is built in pip's isolated build environment (setuptools >= 77 from the index), so
+# it does not depend on what .venv holds; old wheels of this package are removed first.
+wheel: | $(BIN)/python
+	rm -f dist/zsharp_algos-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
 bench: $(VENV)/.all-installed
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) results
+	rm -rf $(VENV) $(LATEST) results dist build
