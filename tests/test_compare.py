@@ -10,8 +10,8 @@ import torch
 np = pytest.importorskip("numpy")
 
 from zsharp_algos._optional import require
-from zsharp_algos.data import CIFAR10_FILES, CIFAR10_FOLDER, corrupt_labels, load_cifar10, load_data
-from zsharp_algos.devices import autocast_dtype, resolve_device
+from zsharp_algos.demo.data import CIFAR10_FILES, CIFAR10_FOLDER, corrupt_labels, load_cifar10, load_data
+from zsharp_algos.demo.devices import autocast_dtype, resolve_device
 
 DIGITS = 1797
 
@@ -144,7 +144,7 @@ def test_missing_extra_is_named():
 
 # --------------------------------------------------------------------------- the command line
 def test_parse_args():
-    from zsharp_algos.compare import parse_args
+    from zsharp_algos.demo.compare import parse_args
 
     args = parse_args([])
     assert args.seeds == [0] and args.optimizers == ["sgd", "sam", "zsharp"] and args.label_noise == 0.4
@@ -161,7 +161,7 @@ def test_parse_args():
 
 def test_build_model_vit_small_images():
     pytest.importorskip("timm")
-    from zsharp_algos.compare import build_model
+    from zsharp_algos.demo.compare import build_model
 
     vit = build_model("vit_tiny_patch16_224", 10, patch_size=4, depth=1)
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -181,7 +181,7 @@ TINY = ["--model", "test_resnet", "--epochs", "1", "--train-subset", "32", "--te
 
 
 def test_main_end_to_end(tmp_path, capsys, demo_deps):
-    from zsharp_algos.compare import main
+    from zsharp_algos.demo.compare import main
 
     assert main([*TINY, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -202,7 +202,7 @@ def test_main_end_to_end(tmp_path, capsys, demo_deps):
 
 
 def test_main_is_reproducible(tmp_path, demo_deps):
-    from zsharp_algos.compare import main
+    from zsharp_algos.demo.compare import main
 
     args = [*TINY, "--optimizers", "zsharp"]
     curves = []
@@ -214,7 +214,7 @@ def test_main_is_reproducible(tmp_path, demo_deps):
 
 
 def test_main_bad_options_exit_with_a_message(tmp_path, demo_deps):
-    from zsharp_algos.compare import main
+    from zsharp_algos.demo.compare import main
 
     out = ["--out", str(tmp_path / "out"), "--no-progress"]
     with pytest.raises(SystemExit, match="never downloads"):

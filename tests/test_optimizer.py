@@ -39,6 +39,10 @@ def closure_for(model, opt, x, y, calls=None):
     return closure
 
 
+def weights_of(model):
+    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+
 def flat_state(model):
     return torch.cat([t.detach().flatten().float() for t in list(model.parameters()) + list(model.buffers())])
 
@@ -171,12 +175,27 @@ def test_batchnorm_statistics_count_one_pass():
         assert torch.equal(b, b_ref), name
 
 
-def test_without_model_second_pass_updates_batchnorm_twice():
-    """What the utility prevents (so the test above is not vacuous)."""
+def test_without_model_batchnorm_is_frozen_by_default():
+    """Without model=, the layers seen updating in the first pass are frozen in the second."""
     model = make_model()
+    reference = copy.deepcopy(model)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0)
     x, y = batches(1)[0]
     opt.step(closure_for(model, opt, x, y))
+    reference(x)
+    for b, b_ref in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(b, b_ref)
+
+
+def test_manual_loop_without_frozen_stats_updates_batchnorm_twice():
+    """What the default prevents (so the two tests above are not vacuous)."""
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step()
     assert int(model[1].num_batches_tracked) == 2
 
 
@@ -306,8 +325,10 @@ def test_bad_construction_raises():
 def test_missing_closure_and_sparse_gradients_fail_before_weights_change():
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    before = flat_state(model)
-    with pytest.raises(TypeError, match="closure"):
+    before = weights_of(model)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="without a closure on a sharpness step"):
         opt.step()
     emb = nn.Embedding(10, 4, sparse=True)
     opt2 = ZSharp(emb.parameters(), torch.optim.SGD, lr=0.1)
@@ -321,7 +342,7 @@ def test_missing_closure_and_sparse_gradients_fail_before_weights_change():
 
     with pytest.raises(RuntimeError, match="sparse"):
         opt2.step(closure)
-    assert torch.equal(flat_state(model), before) and torch.equal(emb.weight, emb_before)
+    assert torch.equal(weights_of(model), before) and torch.equal(emb.weight, emb_before)
 
 
 def test_repr_and_state_dict_are_plain():
@@ -329,9 +350,10 @@ def test_repr_and_state_dict_are_plain():
     assert repr(opt) == (
         "ZSharp(rho=0.05, interval=1, adaptive=False, eps=1e-12, percentile=95.0, scope='tensor', base=SGD)"
     )
-    extra = opt.state_dict()["sharpness"]
-    assert extra["step_count"] == 0 and extra["direction"] == "zsharp"
-    with pytest.raises(ValueError, match="from a 'zsharp' optimizer"):
+    state = opt.state_dict()
+    assert state["sharpness"] == {"optimizer": "ZSharp", "step_count": 0, "skipped_steps": 0}
+    assert state["param_groups"][0]["percentile"] == 95.0 and state["param_groups"][0]["scope"] == "tensor"
+    with pytest.raises(ValueError, match="from a ZSharp optimizer"):
         SAM(make_model().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(opt.state_dict())
 
 
@@ -345,3 +367,191 @@ def test_import_is_light():
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert zsharp_algos.__version__
+
+
+# --------------------------------------------------------------------------- options in param groups
+@pytest.mark.parametrize("name", ["sam", "zsharp"])
+def test_rho_zero_group_is_neither_perturbed_nor_in_the_norm(name):
+    """Two groups, biases at rho=0: against a plain-PyTorch reference on the weights alone."""
+    torch.manual_seed(0)
+    model = make_model(bn=False)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    cls = SAM if name == "sam" else ZSharp
+    opt = cls([{"params": weights, "rho": 0.1}, {"params": biases, "rho": 0.0}], torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in weights]
+    opt.first_step(zero_grad=True)
+    want = REFERENCES[name](weights, grads)
+    want = [e * 2 for e in want]  # rho 0.1 against the references' 0.05
+    for p, w, e in zip(weights, [w for w, p in zip(w0, model.parameters()) if p.dim() > 1], want):
+        torch.testing.assert_close(p.detach() - w, e, rtol=1e-5, atol=1e-7)
+    for p, w in zip(biases, [w for w, p in zip(w0, model.parameters()) if p.dim() == 1]):
+        assert torch.equal(p, w)  # not perturbed
+    opt.restore()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+
+
+def test_options_round_trip_through_state_dict_per_group():
+    model = make_model(bn=False)
+    groups = [{"params": [model[0].weight], "rho": 0.2, "percentile": 90.0}, {"params": [model[2].weight], "rho": 0.0}]
+    opt = ZSharp(groups, torch.optim.SGD, lr=0.1, rho=0.05, interval=2)
+    assert [(g["rho"], g["percentile"], g["interval"]) for g in opt.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
+    state = copy.deepcopy(opt.state_dict())
+    other = ZSharp(
+        [{"params": [make_model(bn=False)[0].weight]}, {"params": [make_model(bn=False)[2].weight]}],
+        torch.optim.SGD, lr=0.1,
+    )
+    other.load_state_dict(state)  # the saved options win, as torch restores lr
+    assert [(g["rho"], g["percentile"], g["interval"]) for g in other.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [model[2].bias], "rho": -1.0})
+
+
+def test_no_perturbation_groups_splits_weights_from_biases_and_norms():
+    model = make_model()
+    groups = zsharp_algos.no_perturbation_groups(model, weight_decay=0.0)
+    assert [p.dim() for p in groups[0]["params"]] == [2, 2]
+    assert groups[1]["rho"] == 0.0 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == {id(model[1].weight), id(model[1].bias), id(model[3].bias)}
+    SAM(groups, torch.optim.SGD, lr=0.1, weight_decay=5e-4)  # builds
+
+
+def test_all_groups_at_rho_zero_take_one_pass():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.0)
+    calls = []
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, opt, x, y, calls))
+    assert len(calls) == 1 and opt.step_count == 1
+
+
+# --------------------------------------------------------------------------- first contact
+def test_closure_without_return_steps_like_torch_optimizers():
+    import torch.nn.functional as F
+
+    m = nn.Linear(6, 3)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(m)
+    opt = ZSharp(m.parameters(), torch.optim.SGD, lr=0.1)
+    ref_opt = ZSharp(ref.parameters(), torch.optim.SGD, lr=0.1)
+
+    def c():
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()  # no return
+
+    for _ in range(3):
+        assert opt.step(c) is None
+        ref_opt.step(closure_for(ref, ref_opt, x, y))
+    assert opt.step_count == 3 and opt.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+
+
+def test_skip_step_from_a_closure_is_counted_and_restores_exactly():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    before = flat_state(model)
+    calls = []
+
+    def overflowing():
+        closure_for(model, opt, x, y)()
+        calls.append(1)
+        if len(calls) == 2:
+            raise zsharp_algos.SkipStep("second pass overflowed")
+
+    assert opt.step(overflowing) is None
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(params, before[: params.numel()])  # weights exactly as they were
+    assert opt.skipped_steps == 1 and opt.step_count == 0 and not opt.state
+
+
+def test_misuse_of_the_manual_steps_says_what_happened():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    before = weights_of(model)
+    with pytest.raises(RuntimeError, match="second_step\\(\\) without first_step\\(\\)"):
+        opt.second_step()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="weights are perturbed .* second_step\\(\\)"):
+        opt.step(closure_for(model, opt, x, y))
+    with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+        opt.first_step()
+    opt.restore()
+    assert torch.equal(weights_of(model), before)
+
+
+def test_manual_loop_follows_the_interval():
+    """first_step() perturbs only on sharpness steps; is_sharpness_step() lets a loop skip the
+    second pass on the others (the documented manual loop)."""
+    model = make_model(bn=False)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, interval=3)
+    perturbed = []
+    for x, y in batches(6):
+        nn.functional.cross_entropy(model(x), y).backward()
+        if opt.is_sharpness_step():
+            w = [p.detach().clone() for p in model.parameters()]
+            opt.first_step(zero_grad=True)
+            perturbed.append(any(not torch.equal(p, q) for p, q in zip(model.parameters(), w)))
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            perturbed.append(False)
+            opt.step()
+            opt.zero_grad()
+    assert perturbed == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["sam", "zsharp", "zsharp_tensor"])
+def test_every_dtype_steps_and_float64_matches_the_reference(dtype, name):
+    model = make_model(bn=False).to(dtype)
+    opt = create_optimizer(OURS[name]["name"], model.parameters(), lr=0.1,
+                           **{k: v for k, v in OURS[name].items() if k != "name"})
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x.to(dtype)), y).backward()
+    params = list(model.parameters())
+    w = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    opt.first_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in params)
+    if dtype == torch.float64:
+        want = REFERENCES[name](w, grads)
+        for p, w0, e in zip(params, w, want):
+            torch.testing.assert_close(p.detach() - w0, e.to(dtype), rtol=1e-9, atol=1e-12)
+    opt.restore()
+    assert all(torch.equal(p, w0) for p, w0 in zip(params, w))
+
+
+def test_drop_in_spellings_and_values_from_other_libraries():
+    import numpy as np
+
+    model = make_model()
+    opt = SAM(params=model.parameters(), base_optimizer=torch.optim.SGD, lr=0.1, rho=np.float32(0.1))
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.1) and type(opt.param_groups[0]["rho"]) is float
+    create_optimizer("zsharp", model.parameters(), base=torch.optim.SGD, lr=0.1)  # a class, not a name
+    with pytest.warns(UserWarning, match="percent in \\(0, 100\\), not a fraction.*percentile=70"):
+        ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, percentile=0.7)
+    with pytest.raises(ValueError, match="rho must be a finite number"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=float("inf"))
+    with pytest.raises(ValueError, match="adaptive must be True or False"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, adaptive="no")
+    with pytest.raises(TypeError, match="SAM does not take 'percentile' \\(ZSharp's option\\)"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, percentile=70)
+
+
+def test_star_import_needs_only_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from zsharp_algos import *; help_text = __import__('pydoc').render_doc('zsharp_algos'); "
+        "heavy = [m for m in ('composer', 'transformers', 'accelerate', 'timm', 'lightning') if m in sys.modules]; "
+        "sys.exit(repr(heavy) if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,18 +1,23 @@
-"""Sharpness-aware training (SAM and ZSharp) for PyTorch, Composer, Hugging Face and Accelerate.
+"""Sharpness-aware training (SAM and ZSharp) for PyTorch, Composer, Hugging Face, Accelerate and
+Lightning.
 
-``import zsharp_algos`` needs only torch; framework integrations are imported on first use.
+``import zsharp_algos`` (and ``from zsharp_algos import *``) needs only torch. The framework
+integrations live in subpackages imported on first use: :mod:`zsharp_algos.composer`,
+:mod:`zsharp_algos.hf`, :mod:`zsharp_algos.accelerate_loop`, :mod:`zsharp_algos.lightning`.
 """
 from __future__ import annotations
 
 from .batchnorm import frozen_norm_stats
-from .directions import DIRECTIONS, GradientDirection, ZScoreDirection, register_direction
 from .grad_scaler import ClosureGradScaler
-from .optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from .optimizer import SAM, SharpnessAwareOptimizer, SkipStep, ZSharp
+from .param_groups import no_perturbation_groups
 from .registry import create_optimizer, list_optimizers
+from .stats import SharpnessStats
 
 __version__ = "0.1.0"
 
-# Framework integrations, imported on first use so that `import zsharp_algos` needs only torch.
+# Reachable as zsharp_algos.<name> for convenience, imported on first use (they need Composer);
+# not in __all__, so `from zsharp_algos import *` stays torch-only.
 _LAZY = {
     "ZSharpAlgorithm": "zsharp_algos.composer",
     "SAMAlgorithm": "zsharp_algos.composer",
@@ -26,18 +31,16 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'zsharp_algos' has no attribute {name!r}")
 
+
 __all__ = [
     "SAM",
     "ZSharp",
     "SharpnessAwareOptimizer",
+    "SkipStep",
     "ClosureGradScaler",
+    "SharpnessStats",
     "frozen_norm_stats",
+    "no_perturbation_groups",
     "create_optimizer",
     "list_optimizers",
-    "DIRECTIONS",
-    "GradientDirection",
-    "ZScoreDirection",
-    "register_direction",
-    "ZSharpAlgorithm",
-    "SAMAlgorithm",
 ]

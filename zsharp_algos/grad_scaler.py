@@ -3,8 +3,9 @@
 ``torch.amp.GradScaler.step`` refuses closures, and routing a SAM closure through it (as
 accelerate does) steps with gradients that are still scaled. :class:`ClosureGradScaler` instead
 unscales *inside* each closure call, so the perturbation and the base step both see true
-gradients, and reports overflow by making the closure return ``None``: the optimizer then skips
-the step, with the weights restored exactly (:class:`~zsharp_algos.SharpnessAwareOptimizer`).
+gradients, and reports overflow by raising :class:`~zsharp_algos.SkipStep` from the closure: the
+optimizer then skips the step, with the weights restored exactly
+(:class:`~zsharp_algos.SharpnessAwareOptimizer`), and counts it.
 
 Usage::
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._tensors import group_by_device_dtype
+from .optimizer import SharpnessAwareOptimizer, SkipStep
 
 __all__ = ["ClosureGradScaler"]
 
@@ -103,28 +105,35 @@ class ClosureGradScaler:
     def step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]):
         """Run ``optimizer.step`` with a closure whose gradients are unscaled after every call.
 
-        Sharpness-aware optimizers call it once or twice; any pass that overflows makes the
-        closure return ``None`` and the optimizer skip the step with its weights untouched (the
-        perturbation, if any, undone exactly). Other optimizers: one call, then their step
-        unless the pass overflowed. Returns the loss, or ``None`` for a skipped step.
+        Sharpness-aware optimizers call it once or twice; a pass that overflows raises
+        :class:`~zsharp_algos.SkipStep` from the closure and the optimizer skips the step with its
+        weights untouched (the perturbation, if any, undone exactly). Other optimizers: one
+        call, then their step unless the pass overflowed. Returns the loss, or ``None`` for a
+        skipped step (counted in :attr:`skipped_steps`).
         """
         if not self.enabled:
             return optimizer.step(closure)
+        overflowed = False
 
         def unscaled_closure():
+            nonlocal overflowed
             loss = closure()
-            return None if self.unscale_(optimizer) else loss
-
-        from .optimizer import SharpnessAwareOptimizer
+            if self.unscale_(optimizer):
+                overflowed = True
+                raise SkipStep("inf/NaN gradients under fp16 loss scaling")
+            return loss
 
         if isinstance(optimizer, SharpnessAwareOptimizer):
             loss = optimizer.step(unscaled_closure)
         else:
-            loss = unscaled_closure()
-            if loss is not None:
+            try:
+                loss = unscaled_closure()
                 optimizer.step()
-        if loss is None:
+            except SkipStep:
+                loss = None
+        if overflowed:
             self.skipped_steps += 1
+            return None
         return loss
 
     def update(self) -> None:

@@ -1,48 +1,111 @@
-"""Optimizers by name: ``create_optimizer("zsharp", model.parameters(), base="sgd", lr=0.1, ...)``.
+"""Optimizers by name, with what each accepts: ``create_optimizer("zsharp", params, base="sgd", ...)``.
 
 One table for every entry point (the demo, the Composer YAMLs, ``--optim`` in HF scripts, the
-accelerate script), so a new variant is one registration, not another if/else chain.
+accelerate and Lightning scripts): a front end asks :func:`optimizer_info` which options a name
+takes instead of keeping its own filter, so a new variant is one registration.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
 from .optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from .options import Option
 
-__all__ = ["BASE_OPTIMIZERS", "SHARPNESS_OPTIMIZERS", "create_optimizer", "list_optimizers"]
+__all__ = [
+    "OptimizerInfo",
+    "BASE_OPTIMIZERS",
+    "SHARPNESS_OPTIMIZERS",
+    "optimizer_info",
+    "is_sharpness_optimizer",
+    "base_optimizer_class",
+    "register_optimizer",
+    "create_optimizer",
+    "list_optimizers",
+]
 
+#: Base optimizers by name (``adamw_torch`` is Hugging Face's name for AdamW).
 BASE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
-    "adamw_torch": torch.optim.AdamW,  # Hugging Face's name for it
+    "adamw_torch": torch.optim.AdamW,
 }
 
-SHARPNESS_OPTIMIZERS: dict[str, type[SharpnessAwareOptimizer]] = {"sam": SAM, "zsharp": ZSharp}
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """A sharpness-aware optimizer and its capabilities."""
+
+    name: str
+    cls: type[SharpnessAwareOptimizer]
+    summary: str
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return self.cls.options
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.cls.options)
+
+    def accepts(self, option: str) -> bool:
+        return option in self.option_names
+
+
+SHARPNESS_OPTIMIZERS: dict[str, OptimizerInfo] = {}
+
+
+def register_optimizer(name: str, cls: type[SharpnessAwareOptimizer], summary: str) -> OptimizerInfo:
+    """Add a sharpness-aware optimizer to the table every front end reads."""
+    info = OptimizerInfo(name, cls, summary)
+    SHARPNESS_OPTIMIZERS[name] = info
+    return info
+
+
+register_optimizer("sam", SAM, "SAM (Foret et al., 2021): perturb along the gradient")
+register_optimizer("zsharp", ZSharp, "ZSharp (arXiv 2505.02369): perturb along the significant z-score entries")
 
 
 def list_optimizers() -> list[str]:
     return sorted(SHARPNESS_OPTIMIZERS) + sorted(BASE_OPTIMIZERS)
 
 
-def _lookup(table: dict, name: str, what: str):
+def _lookup(table: dict, name, what: str):
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be given by name (one of {sorted(table)}), got {name!r}")
     try:
         return table[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}") from None
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(table))}") from None
 
 
-def create_optimizer(name: str, params: Iterable, *, base: str = "sgd", **kwargs) -> torch.optim.Optimizer:
+def optimizer_info(name: str) -> OptimizerInfo:
+    """The registered sharpness-aware optimizer ``name`` (``ValueError`` listing the choices)."""
+    return _lookup(SHARPNESS_OPTIMIZERS, name, "sharpness-aware optimizer")
+
+
+def is_sharpness_optimizer(name) -> bool:
+    return isinstance(name, str) and name.lower() in SHARPNESS_OPTIMIZERS
+
+
+def base_optimizer_class(base) -> Callable[..., torch.optim.Optimizer]:
+    """A base optimizer by name, or a ``torch.optim.Optimizer`` subclass as it is."""
+    if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
+        return base
+    return _lookup(BASE_OPTIMIZERS, base, "base optimizer")
+
+
+def create_optimizer(name: str, params: Iterable, *, base="sgd", **kwargs) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``params``.
 
     ``name`` is a sharpness-aware optimizer (``sam``, ``zsharp``) wrapping the base optimizer
-    ``base``, or a base optimizer used alone. ``kwargs`` mix the sharpness hyper-parameters
-    (``rho``, ``interval``, ``adaptive``, ``percentile``, ``scope``, ...) with the base's
-    (``lr``, ``momentum``, ``weight_decay``, ...).
+    ``base`` (a name or a ``torch.optim.Optimizer`` class), or a base optimizer used alone.
+    ``kwargs`` mix the sharpness options (``rho``, ``interval``, ``adaptive``, ``percentile``,
+    ``scope``, ...) with the base's (``lr``, ``momentum``, ``weight_decay``, ...).
     """
-    if name.lower() in SHARPNESS_OPTIMIZERS:
-        cls = SHARPNESS_OPTIMIZERS[name.lower()]
-        return cls(params, _lookup(BASE_OPTIMIZERS, base, "base optimizer"), **kwargs)
+    if is_sharpness_optimizer(name):
+        return optimizer_info(name).cls(params, base_optimizer_class(base), **kwargs)
     return _lookup(BASE_OPTIMIZERS, name, "optimizer")(params, **kwargs)

@@ -1,14 +1,18 @@
 """Sharpness statistics for training logs, kept on the device until someone logs them.
 
-Recorded per perturbed (micro-)batch, right after the perturbation ``e`` was computed:
+One implementation and one namespace (``sharpness/*``) for every entry point: the plain loop
+(``opt.stats``), Composer, Hugging Face, Accelerate and Lightning. Recorded by the engine on
+perturbed (micro-)batches, right after ``e`` is formed and before its memory is reused, so
+recording never forces a slower path:
 
-* ``perturbation_norm``: ``||e||`` over the whole model (``rho`` for SAM; about
+* ``sharpness/grad_norm``: ``||g||`` of the first-pass gradient over the perturbed tensors;
+* ``sharpness/perturbation_norm``: ``||e||`` over the whole model (``rho`` for SAM; about
   ``rho * sqrt(#filtered tensors)`` for ZSharp's ``scope="tensor"``);
-* ``perturbed_fraction``: the share of gradient entries that ``e`` moves (1 for SAM, about
-  ``1 - percentile/100`` for ZSharp);
-* ``loss_gap``: ``L(w + e) - L(w)`` from the two passes, the usual estimate of sharpness (only
-  where both losses exist, i.e. two-pass training), per optimizer step, in the units of the loss
-  the trainer logs.
+* ``sharpness/perturbed_fraction``: the share of the perturbed tensors' entries that ``e`` moves
+  (about ``1 - percentile/100`` for ZSharp; below 1 for SAM exactly where gradient entries are
+  exactly zero, e.g. dead ReLU units or unused embedding rows);
+* ``sharpness/loss_gap``: ``L(w + e) - L(w)`` from the two passes, the usual estimate of sharpness,
+  per optimizer step (summed over micro-batches), in the units of the loss the trainer logs.
 
 Reading them (:meth:`SharpnessStats.pop`) is the only host synchronisation.
 """
@@ -19,50 +23,71 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._tensors import group_by_device_dtype, total_norm
+from ._tensors import group_by_device_dtype
 
-__all__ = ["SharpnessStats", "perturbation_stats"]
+__all__ = ["SharpnessStats", "PREFIX", "NAMES", "squared_norm", "nonzero_count"]
 
 PREFIX = "sharpness/"
+NAMES = ("grad_norm", "perturbation_norm", "perturbed_fraction", "loss_gap")
 
 
-@torch.no_grad()
-def perturbation_stats(perturbation: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(||e||, fraction of non-zero entries)`` of a perturbation given as a list of tensors,
-    as float32 0-dim tensors on the first tensor's device."""
-    norms: list[Tensor] = []
-    for _, (es,) in group_by_device_dtype(perturbation):
-        norms.extend(torch._foreach_norm(es, 2, dtype=torch.float32))
-    device = perturbation[0].device
-    nonzero = sum(torch.count_nonzero(e).to(device) for e in perturbation)
-    numel = sum(e.numel() for e in perturbation)
-    return total_norm(norms), nonzero.float() / numel
+def _foreach_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
+    """Sum over the tensors of ``||t||_ord ** (2 if ord == 2 else 1)`` as a 0-dim tensor on the
+    first tensor's device, in float32 (float64 for float64 tensors; MPS has no float64): one
+    multi-tensor kernel per device/dtype group."""
+    device = tensors[0].device
+    wide = _stat_dtype(tensors)
+    total = torch.zeros((), dtype=wide, device=device)
+    for _, (ts,) in group_by_device_dtype(tensors):
+        dtype = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+        norms = torch.stack(torch._foreach_norm(ts, ord, dtype=dtype)).to(device, wide)
+        total = total + (norms.square().sum() if ord == 2 else norms.sum())
+    return total
+
+
+def _stat_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """``sum ||t||^2`` (0-dim)."""
+    return _foreach_sum(tensors, 2)
+
+
+def nonzero_count(tensors: Sequence[Tensor]) -> Tensor:
+    """Number of non-zero entries (0-dim, exact below 2^24 per tensor in float32;
+    ``_foreach_norm`` with ord 0 counts them)."""
+    return _foreach_sum(tensors, 0)
 
 
 class SharpnessStats:
     """Running sums of the statistics above between two :meth:`pop` calls."""
 
     def __init__(self) -> None:
-        self._norm: Tensor | None = None
-        self._fraction: Tensor | None = None
-        self._gap: Tensor | None = None
+        self._sums: dict[str, Tensor] = {}
         self._perturbed = 0  # perturbed (micro-)batches
         self._steps = 0  # optimizer steps that had a loss gap recorded
         self._gap_since_step = False
 
-    def add_perturbation(self, perturbation: Sequence[Tensor]) -> None:
-        """Record ``e`` (call while the tensors hold it)."""
+    def _add(self, name: str, value: Tensor) -> None:  # sums stay on the device: no sync
+        value = value.detach().reshape(())
+        old = self._sums.get(name)
+        self._sums[name] = value if old is None else old + value.to(old.device)
+
+    def add_perturbation(self, grads: Sequence[Tensor], perturbation: Sequence[Tensor], grad_sq: Tensor) -> None:
+        """Record one perturbation ``e`` (call while ``perturbation`` holds it), given the
+        squared norm of the gradient it came from."""
         if not perturbation:
             return
-        norm, fraction = perturbation_stats(perturbation)
-        self._norm = norm if self._norm is None else self._norm + norm
-        self._fraction = fraction if self._fraction is None else self._fraction + fraction
+        numel = sum(e.numel() for e in perturbation)
+        self._add("grad_norm", grad_sq.sqrt())
+        self._add("perturbation_norm", squared_norm(perturbation).sqrt())
+        self._add("perturbed_fraction", nonzero_count(perturbation) / numel)
         self._perturbed += 1
 
     def add_loss_gap(self, first: Tensor, second: Tensor) -> None:
         """Record one (micro-)batch's ``L(w + e) - L(w)``."""
-        gap = (second.detach().float() - first.detach().float()).reshape(())
-        self._gap = gap if self._gap is None else self._gap + gap.to(self._gap.device)
+        self._add("loss_gap", second.detach().float() - first.detach().float())
         self._gap_since_step = True
 
     def end_step(self) -> None:
@@ -73,18 +98,18 @@ class SharpnessStats:
 
     def pending(self) -> bool:
         """Whether anything was recorded since the last :meth:`pop`."""
-        return self._perturbed > 0
+        return self._perturbed > 0 or "loss_gap" in self._sums
 
     def pop_tensors(self) -> dict[str, Tensor]:
-        """The averages as 0-dim device tensors (no host sync), keyed ``sharpness/<name>``, and
-        reset. Empty if nothing was recorded."""
+        """The averages as float32 0-dim device tensors (no host sync), keyed
+        ``sharpness/<name>``, and reset. Empty if nothing was recorded."""
         out: dict[str, Tensor] = {}
-        if self._perturbed:
-            out[PREFIX + "perturbation_norm"] = self._norm / self._perturbed
-            out[PREFIX + "perturbed_fraction"] = self._fraction / self._perturbed
+        for name in NAMES[:3]:
+            if self._perturbed and name in self._sums:
+                out[PREFIX + name] = (self._sums[name] / self._perturbed).float()
         steps = self._steps + self._gap_since_step  # a step still accumulating counts as one
-        if self._gap is not None and steps:
-            out[PREFIX + "loss_gap"] = self._gap / steps
+        if "loss_gap" in self._sums and steps:
+            out[PREFIX + "loss_gap"] = (self._sums["loss_gap"] / steps).float()
         self.__init__()
         return out
 

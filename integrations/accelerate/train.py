@@ -22,8 +22,8 @@ scheduler, RNG states, loop position); ``--resume PATH`` (or ``--resume latest``
 one and ends with the same weights as the run that was never interrupted. The run ends with
 ``OUT/model.safetensors`` and ``OUT/summary.json``.
 
-The sharpness-aware part is two lines (see :mod:`zsharp_algos.accelerate`): the optimizer goes
-through :class:`~zsharp_algos.accelerate.TwoPassBackward` before ``accelerator.prepare``, and
+The sharpness-aware part is two lines (see :mod:`zsharp_algos.accelerate_loop`): the optimizer goes
+through :class:`~zsharp_algos.accelerate_loop.TwoPassBackward` before ``accelerator.prepare``, and
 ``accelerator.backward(loss)`` becomes ``sharp.backward(model, loss_fn)``.
 """
 from __future__ import annotations
@@ -42,15 +42,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from zsharp_algos.accelerate import TwoPassBackward
-from zsharp_algos.compare import build_model
-from zsharp_algos.data import load_data
-from zsharp_algos.devices import resolve_device
-from zsharp_algos.directions import ZScoreDirection
-from zsharp_algos.registry import SHARPNESS_OPTIMIZERS, create_optimizer
+from zsharp_algos.accelerate_loop import TwoPassBackward
+from zsharp_algos.demo import build_model
+from zsharp_algos.demo.data import load_data
+from zsharp_algos.demo.devices import resolve_device
+from zsharp_algos.options import add_cli_options, cli_values
+from zsharp_algos.registry import BASE_OPTIMIZERS, SHARPNESS_OPTIMIZERS, create_optimizer, optimizer_info
 
 OPTIMIZERS = ("sgd",) + tuple(SHARPNESS_OPTIMIZERS)
-BASE_OPTIMIZERS = ("sgd", "adamw")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -71,17 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-workers", type=int, default=0)
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", choices=OPTIMIZERS, default="zsharp")
-    g.add_argument("--base-optim", choices=BASE_OPTIMIZERS, default="sgd", help="base of sam / zsharp")
+    g.add_argument("--base-optim", choices=sorted(BASE_OPTIMIZERS), default="sgd", help="base of sam / zsharp")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine decay)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient the base optimizer uses")
-    g.add_argument("--rho", type=float, default=0.1)
-    g.add_argument("--percentile", type=float, default=70.0, help="zsharp: |z| percentile cut")
-    g.add_argument("--scope", choices=ZScoreDirection.SCOPES, default="global", help="zsharp: threshold scope")
-    g.add_argument("--interval", type=int, default=1, help="a sharpness step every k-th optimizer step")
-    g.add_argument("--adaptive", action="store_true", help="ASAM scaling by |w| (use a larger --rho)")
+    add_cli_options(g, rho=0.1)  # rho 0.1: the digits task has 40% label noise
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -142,9 +137,7 @@ def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
         kwargs["momentum"] = args.momentum
     if args.optim == "sgd":
         return create_optimizer(args.base_optim, model.parameters(), **kwargs)
-    kwargs.update(rho=args.rho, interval=args.interval, adaptive=args.adaptive)
-    if args.optim == "zsharp":
-        kwargs.update(percentile=args.percentile, scope=args.scope)
+    kwargs.update(cli_values(args, optimizer_info(args.optim).options))
     return create_optimizer(args.optim, model.parameters(), base=args.base_optim, **kwargs)
 
 

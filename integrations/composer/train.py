@@ -15,7 +15,7 @@ Any config value can be overridden with ``dotted.key=value`` (the value is read 
 
 Config layout (see ``yamls/composer/``): ``base`` (a config file this one extends, relative to
 it; sections merge, a null value drops the inherited key), ``seed``, ``model`` (a timm model name and its ``create_model`` keyword arguments; never
-pretrained), ``data`` (:func:`zsharp_algos.data.load_data` arguments and ``batch_size``),
+pretrained), ``data`` (:func:`zsharp_algos.demo.data.load_data` arguments and ``batch_size``),
 ``optimizer`` (a base optimizer by :func:`zsharp_algos.create_optimizer` name and its
 arguments), ``scheduler``, ``algorithms`` (``sam`` / ``zsharp`` with their arguments) and
 ``trainer`` (keyword arguments of ``composer.Trainer``).
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from zsharp_algos import create_optimizer
 from zsharp_algos._optional import require
 from zsharp_algos.composer import SAMAlgorithm, ZSharpAlgorithm
-from zsharp_algos.data import load_data
+from zsharp_algos.demo.data import load_data
 from zsharp_algos.registry import SHARPNESS_OPTIMIZERS
 
 ALGORITHMS = {"sam": SAMAlgorithm, "zsharp": ZSharpAlgorithm}
@@ -84,7 +84,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 # --------------------------------------------------------------------------- pieces
 def build_dataloaders(cfg: dict[str, Any], seed: int) -> tuple[DataLoader, DataLoader, int]:
-    """Train/eval loaders over :func:`zsharp_algos.data.load_data`, sharded across ranks."""
+    """Train/eval loaders over :func:`zsharp_algos.demo.data.load_data`, sharded across ranks."""
     cfg = dict(cfg)
     batch_size = int(cfg.pop("batch_size", 64))
     data = load_data(cfg.pop("name", "digits"), seed=seed, **cfg)

@@ -15,7 +15,7 @@ Compared with a stock transformers script, the changed line is the import of ``T
     python integrations/hf/train_digits_classes.py --output_dir runs/vit --model vit_tiny_patch16_224 \\
         --model_kwargs patch_size=4 --optim sam --base_optim adamw_torch --learning_rate 1e-3
 
-Data: ``zsharp_algos.data`` (scikit-learn's digits by default, or ``--data cifar10 --data_dir``
+Data: ``zsharp_algos.demo.data`` (scikit-learn's digits by default, or ``--data cifar10 --data_dir``
 for a local CIFAR-10), with ``--label_noise`` of the training labels made wrong.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from torch import nn
 from train_digits import DictDataset, compute_metrics  # the plain example beside this file
 from transformers import HfArgumentParser
 
-from zsharp_algos.compare import build_model
-from zsharp_algos.data import DATASETS, load_data
+from zsharp_algos.demo import build_model
+from zsharp_algos.demo.data import DATASETS, load_data
 from zsharp_algos.hf import SAMCallback, Trainer, TrainingArguments, ZSharpCallback
 
 

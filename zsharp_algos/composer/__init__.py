@@ -11,6 +11,13 @@ from .._optional import require
 require("composer", "composer", "zsharp_algos.composer")
 
 from .algorithm import SAMAlgorithm, SharpnessAwareAlgorithm, ZSharpAlgorithm  # noqa: E402
-from .optimizer import ComposerSAM, ComposerZSharp  # noqa: E402
+from .optimizer import ComposerSAM, ComposerZSharp, TrainerClosureMixin  # noqa: E402
 
-__all__ = ["SAMAlgorithm", "ZSharpAlgorithm", "SharpnessAwareAlgorithm", "ComposerSAM", "ComposerZSharp"]
+__all__ = [
+    "SAMAlgorithm",
+    "ZSharpAlgorithm",
+    "SharpnessAwareAlgorithm",
+    "ComposerSAM",
+    "ComposerZSharp",
+    "TrainerClosureMixin",
+]

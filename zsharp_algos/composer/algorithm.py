@@ -6,8 +6,9 @@ reference notes):
 * the optimizers are wrapped at ``Event.INIT``, before the checkpoint is loaded, so a resumed run
   loads the base optimizer's state (momentum, Adam moments) under the same checkpoint key it was
   saved with: no "not in the state_dict" warning, nothing silently reset;
-* which steps are sharpness steps follows the trainer's batch counter (``state.timestamp``), which
-  every rank shares and checkpoints restore, so ``interval > 1`` keeps its phase on resume;
+* which steps are sharpness steps follows the trainer's batch counter (``state.timestamp``, given
+  to the optimizer as its ``schedule``), which every rank shares and checkpoints restore, so
+  ``interval > 1`` keeps its phase on resume;
 * weights are restored by copy (exact) in a ``finally``, so data-parallel replicas stay bitwise
   identical and an exception or an fp16 overflow in the second pass leaves no perturbed weights;
 * a loss of 0.0 is a loss, not a failure; BatchNorm statistics are not updated by the second pass;
@@ -19,13 +20,13 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
 from ..optimizer import SharpnessAwareOptimizer
-from .optimizer import STAT_NAMES, ComposerSAM, ComposerZSharp, TrainerClosureMixin
+from ..options import OPTIONS, check_options
+from .optimizer import ComposerSAM, ComposerZSharp, TrainerClosureMixin
 
 __all__ = ["SharpnessAwareAlgorithm", "SAMAlgorithm", "ZSharpAlgorithm"]
 
@@ -35,59 +36,39 @@ SUPPORTED = (
 )
 
 
+def _default(name: str) -> Any:
+    return OPTIONS[name].default
+
+
 class SharpnessAwareAlgorithm(Algorithm):
     """Shared machinery of :class:`SAMAlgorithm` and :class:`ZSharpAlgorithm` (see those).
 
-    Subclasses set :attr:`optimizer_cls` (the optimizer installed), :attr:`metric_prefix` and
-    :attr:`logged_stats`, and add their own hyper-parameters through
-    :meth:`_direction_hparams`.
+    Subclasses set :attr:`optimizer_cls` (the optimizer installed); the options it takes, their
+    defaults and checks come from :mod:`zsharp_algos.options` through it.
     """
 
     optimizer_cls: type[TrainerClosureMixin] = ComposerSAM
-    metric_prefix = "sam"
-    logged_stats: tuple[str, ...] = ("grad_norm", "perturbation_norm")
-    _events = (Event.INIT, Event.BATCH_START, Event.BATCH_END)
+    _events = (Event.INIT, Event.BATCH_END)
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        interval: int = 1,
-        adaptive: bool = False,
-        eps: float = 1e-12,
-        sync_first_pass: bool = False,
-        log_interval: int = 100,
-    ):
-        self.rho, self.interval, self.adaptive, self.eps = rho, interval, adaptive, eps
-        self.sync_first_pass, self.log_interval = sync_first_pass, log_interval
+    def __init__(self, *, sync_first_pass: bool = False, log_interval: int = 100, **options: Any):
         if not isinstance(sync_first_pass, bool):
             raise ValueError(f"sync_first_pass must be a bool, got {sync_first_pass!r}")
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 0:
             raise ValueError(f"log_interval must be an integer >= 0 (0: no metrics), got {log_interval!r}")
-        # The core optimizer validates the rest: build one on a dummy parameter, now, so a bad
-        # value fails here rather than at Trainer construction.
-        self.optimizer_cls(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._optimizer_kwargs())
-        self.rho, self.eps = float(rho), float(eps)
+        # Checked now, so a bad value fails here rather than at Trainer construction.
+        self.options = check_options(options, self.optimizer_cls.options, type(self).__name__)
+        self.sync_first_pass, self.log_interval = sync_first_pass, log_interval
+
+    def __getattr__(self, name: str) -> Any:  # algorithm.rho etc.
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ hyper-parameters
-    def _direction_hparams(self) -> dict[str, Any]:
-        return {}
-
-    def _optimizer_kwargs(self) -> dict[str, Any]:
-        return dict(
-            rho=self.rho, interval=self.interval, adaptive=self.adaptive, eps=self.eps, **self._direction_hparams()
-        )
-
     def hparams(self) -> dict[str, Any]:
         """All hyper-parameters, plain Python types, in a fixed order."""
-        return dict(
-            rho=self.rho,
-            **self._direction_hparams(),
-            interval=self.interval,
-            adaptive=self.adaptive,
-            eps=self.eps,
-            sync_first_pass=self.sync_first_pass,
-            log_interval=self.log_interval,
-        )
+        return dict(self.options, sync_first_pass=self.sync_first_pass, log_interval=self.log_interval)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
@@ -113,8 +94,6 @@ class SharpnessAwareAlgorithm(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.INIT:
             self._install(state)
-        elif event == Event.BATCH_START:
-            self._schedule(state)
         else:
             self._log(state, logger)
         return None
@@ -132,38 +111,30 @@ class SharpnessAwareAlgorithm(Algorithm):
                     f"{type(self).__name__} wraps the trainer's optimizer itself: pass a plain base optimizer "
                     f"(e.g. torch.optim.SGD), not {type(opt).__name__}"
                 )
-            opt = self.optimizer_cls(opt, model=state.model, **self._optimizer_kwargs())
-            opt.sync_first_pass = self.sync_first_pass
-            opt.second_pass_context = lambda: _train_metrics_paused(state)
-            wrapped.append(opt)
+            wrapped.append(
+                self.optimizer_cls(
+                    opt,
+                    model=state.model,
+                    schedule=lambda: int(state.timestamp.batch),
+                    sync_first_pass=self.sync_first_pass,
+                    second_pass_context=lambda: _train_metrics_paused(state),
+                    record_stats=self.log_interval > 0,
+                    **self.options,
+                )
+            )
         state.optimizers = tuple(wrapped)
 
-    def _schedule(self, state: State) -> None:
-        """Before each batch: align the optimizers' step counters with the trainer's batch count
-        (so every rank, and a resumed run, agrees on which steps are sharpness steps) and ask the
-        first sharpness step of every ``log_interval`` batches to keep its statistics."""
-        batch = int(state.timestamp.batch)
-        window = max(self.log_interval, self.interval)
-        record = self.log_interval > 0 and batch % window < self.interval
-        for opt in self._optimizers(state):
-            opt.step_count = batch
-            opt.record_stats = record and opt.is_sharpness_step()
-
     def _log(self, state: State, logger: Logger) -> None:
-        optimizers = self._optimizers(state)
+        """Every ``log_interval`` batches: the ``sharpness/*`` averages since the last log (one
+        host sync per log)."""
+        if not self.log_interval or int(state.timestamp.batch) % self.log_interval:
+            return
+        optimizers = [opt for opt in ensure_tuple(state.optimizers) if isinstance(opt, TrainerClosureMixin)]
         for i, opt in enumerate(optimizers):
-            if opt.last_stats is None:
-                continue
-            values = opt.last_stats.tolist()  # the only host sync, once per log_interval batches
-            opt.last_stats = None
             suffix = f"/{i}" if len(optimizers) > 1 else ""
-            logger.log_metrics(
-                {f"{self.metric_prefix}/{k}{suffix}": v for k, v in zip(STAT_NAMES, values) if k in self.logged_stats}
-            )
-
-    @staticmethod
-    def _optimizers(state: State) -> list:
-        return [opt for opt in ensure_tuple(state.optimizers) if isinstance(opt, TrainerClosureMixin)]
+            stats = opt.stats.pop()
+            if stats:
+                logger.log_metrics({f"{k}{suffix}": v for k, v in stats.items()})
 
 
 class SAMAlgorithm(SharpnessAwareAlgorithm):
@@ -171,8 +142,8 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
     each sharpness step takes the gradient at ``w + e`` with ``e = rho * g / ||g||`` and steps the
     trainer's own optimizer (SGD, AdamW, ... with its momentum, weight decay and schedule) with it.
 
-    Runs on :attr:`.Event.INIT` (wraps the optimizers, before any checkpoint is loaded),
-    :attr:`.Event.BATCH_START` (step phase) and :attr:`.Event.BATCH_END` (metrics).
+    Runs on :attr:`.Event.INIT` (wraps the optimizers, before any checkpoint is loaded) and
+    :attr:`.Event.BATCH_END` (metrics).
 
     Args:
         rho (float): neighbourhood radius, ``>= 0``. Default ``0.05`` (the paper's, at
@@ -186,9 +157,11 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
         sync_first_pass (bool): all-reduce the first pass's gradients under DDP. Default ``False``:
             each rank perturbs along its own gradient (Composer's choice: cheaper, and reported to
             help slightly); the second pass is always all-reduced, so replicas stay identical.
-        log_interval (int): log ``sam/grad_norm`` (first pass, this rank's) and
-            ``sam/perturbation_norm`` from the first sharpness step of every ``log_interval``
-            batches; ``0`` logs nothing. Default ``100``. Costs one host sync per log.
+        log_interval (int): every ``log_interval`` batches, log the ``sharpness/*`` statistics
+            (``grad_norm``, ``perturbation_norm``, ``perturbed_fraction``, ``loss_gap``; this
+            rank's, averaged over the sharpness steps since the last log, see
+            :mod:`zsharp_algos.stats`); ``0`` records and logs nothing. Default ``100``. Costs
+            one host sync per log.
 
     When to use: image classifiers (ResNets, ViTs) where generalisation or robustness to label
     noise matters more than throughput; it composes with the trainer's own optimizer, schedule,
@@ -214,6 +187,19 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
 
     optimizer_cls = ComposerSAM
 
+    def __init__(
+        self,
+        rho: float = _default("rho"),
+        interval: int = _default("interval"),
+        adaptive: bool = _default("adaptive"),
+        eps: float = _default("eps"),
+        sync_first_pass: bool = False,
+        log_interval: int = 100,
+    ):
+        super().__init__(
+            rho=rho, interval=interval, adaptive=adaptive, eps=eps, sync_first_pass=sync_first_pass, log_interval=log_interval
+        )
+
 
 class ZSharpAlgorithm(SharpnessAwareAlgorithm):
     """ZSharp (`arXiv 2505.02369 <https://arxiv.org/abs/2505.02369>`_): SAM whose perturbation
@@ -230,8 +216,8 @@ class ZSharpAlgorithm(SharpnessAwareAlgorithm):
             normalisation per weight matrix/kernel (``ndim > 1``), with ``percentile=95``
             (usually with AdamW, lr ``1e-3``, ``rho=0.05``).
 
-    Logged every ``log_interval`` batches: ``zsharp/grad_norm``, ``zsharp/perturbation_norm``
-    and ``zsharp/perturbed_fraction`` (the share of entries the perturbation moves).
+    Logged every ``log_interval`` batches: the same ``sharpness/*`` statistics as SAM;
+    ``sharpness/perturbed_fraction`` is about ``1 - percentile/100``.
 
     When to use: as SAM; ZSharp targets the same generalisation gains with a sparser, more
     selective perturbation.
@@ -247,28 +233,28 @@ class ZSharpAlgorithm(SharpnessAwareAlgorithm):
     """
 
     optimizer_cls = ComposerZSharp
-    metric_prefix = "zsharp"
-    logged_stats = STAT_NAMES
 
     def __init__(
         self,
-        rho: float = 0.05,
-        percentile: float = 70.0,
-        scope: str = "global",
-        interval: int = 1,
-        adaptive: bool = False,
-        eps: float = 1e-12,
+        rho: float = _default("rho"),
+        percentile: float = _default("percentile"),
+        scope: str = _default("scope"),
+        interval: int = _default("interval"),
+        adaptive: bool = _default("adaptive"),
+        eps: float = _default("eps"),
         sync_first_pass: bool = False,
         log_interval: int = 100,
     ):
-        self.percentile, self.scope = percentile, scope
         super().__init__(
-            rho=rho, interval=interval, adaptive=adaptive, eps=eps, sync_first_pass=sync_first_pass, log_interval=log_interval
+            rho=rho,
+            percentile=percentile,
+            scope=scope,
+            interval=interval,
+            adaptive=adaptive,
+            eps=eps,
+            sync_first_pass=sync_first_pass,
+            log_interval=log_interval,
         )
-        self.percentile = float(percentile)
-
-    def _direction_hparams(self) -> dict[str, Any]:
-        return {"percentile": self.percentile, "scope": self.scope}
 
 
 def check_supported(state: State, who: str) -> None:

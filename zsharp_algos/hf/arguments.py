@@ -23,6 +23,8 @@ decorated with ``@dataclass``.
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -34,7 +36,8 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import ExplicitEnum
 
 from ..optimizer import SharpnessAwareOptimizer
-from ..registry import SHARPNESS_OPTIMIZERS
+from ..options import OPTIONS, check_options
+from ..registry import SHARPNESS_OPTIMIZERS, optimizer_info
 
 __all__ = [
     "SharpnessOptimizerNames",
@@ -57,7 +60,8 @@ SharpnessOptimizerNames = ExplicitEnum(
     module=__name__,
 )
 
-ZSHARP_ONLY = ("percentile", "scope")  # hyper-parameters only ZSharp takes
+#: The option fields these arguments add (the ones every registered optimizer may take).
+SHARPNESS_FIELDS = ("rho", "percentile", "scope", "interval", "adaptive")
 DEFAULT_OPTIM = getattr(HFTrainingArguments, "default_optim", "adamw_torch")  # transformers' own default
 
 
@@ -76,18 +80,43 @@ def is_sharpness_optim(args: Any) -> bool:
     return sharpness_name(args) is not None
 
 
-def build_sharpness_optimizer(name: str, base_optimizer: torch.optim.Optimizer, **hparams) -> SharpnessAwareOptimizer:
-    """``SAM(base_optimizer, ...)`` or ``ZSharp(base_optimizer, ...)`` from the registry;
-    ``percentile`` and ``scope`` are dropped for SAM. Raises ``ValueError`` for bad values."""
-    cls = SHARPNESS_OPTIMIZERS[name.lower()]
-    if name.lower() != "zsharp":
-        hparams = {k: v for k, v in hparams.items() if k not in ZSHARP_ONLY}
-    return cls(base_optimizer, **hparams)
+def accepted_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The options in ``hparams`` that optimizer ``name`` takes (the registry says which)."""
+    info = optimizer_info(name)
+    return {k: v for k, v in hparams.items() if info.accepts(k)}
 
 
-def check_sharpness_hparams(name: str, **hparams) -> None:
-    """Raise ``ValueError`` now (not at the first training step) for bad hyper-parameters."""
-    build_sharpness_optimizer(name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **hparams)
+def build_sharpness_optimizer(
+    name: str, base_optimizer: torch.optim.Optimizer, *, schedule=None, **hparams
+) -> SharpnessAwareOptimizer:
+    """``SAM(base_optimizer, ...)`` or ``ZSharp(base_optimizer, ...)`` from the registry, with the
+    options of ``hparams`` it takes. Raises ``ValueError`` for bad values."""
+    return optimizer_info(name).cls(base_optimizer, schedule=schedule, **accepted_hparams(name, hparams))
+
+
+def check_sharpness_hparams(name: str, **hparams) -> dict[str, Any]:
+    """Validate now (not at the first training step); returns the options ``name`` takes. Raises
+    ``ValueError`` for bad values and ``TypeError`` for options ``name`` does not take."""
+    info = optimizer_info(name)
+    return check_options(hparams, info.options, f"--optim {info.name}")
+
+
+def _changed_fields(args: Any) -> list[str]:
+    """Sharpness fields set away from their defaults."""
+    return [k for k in SHARPNESS_FIELDS if getattr(args, k) != OPTIONS[k].default]
+
+
+def warn_unused_flags(args: Any) -> None:
+    """Warn about sharpness flags that the chosen ``--optim`` ignores (``--optim adamw_torch
+    --rho 0.1``, ``--optim sam --percentile 50``): a silent no-op is how runs go wrong."""
+    name = sharpness_name(args)
+    changed = _changed_fields(args)
+    unused = changed if name is None else [k for k in changed if not optimizer_info(name).accepts(k)]
+    if unused:
+        flags = " ".join(f"--{k}" for k in unused)
+        target = f"--optim {_value(args.optim)}" if name is None else f"--optim {name}"
+        hint = "use --optim sam or --optim zsharp" if name is None else "they are --optim zsharp options"
+        warnings.warn(f"{flags} ignored: {target} does not use them ({hint})", UserWarning, stacklevel=3)
 
 
 def unsupported_setup(args: Any) -> str | None:
@@ -99,46 +128,40 @@ def unsupported_setup(args: Any) -> str | None:
     return None
 
 
+def _help(name: str) -> str:
+    takers = [n for n, info in sorted(SHARPNESS_OPTIMIZERS.items()) if info.accepts(name)]
+    return f"With --optim {'/'.join(takers)}: {OPTIONS[name].help}."
+
+
 @dataclass
 class SharpnessArgumentsMixin:
     """The sharpness-aware fields; mix in before a ``TrainingArguments`` class."""
 
-    optim: SharpnessOptimizerNames | str = field(
+    # str, not the enum: argparse would print its whole usage for a typo; __post_init__ says it in one line
+    optim: str = field(
         default=DEFAULT_OPTIM,
         metadata={
             "help": "The optimizer to use: any of transformers' OptimizerNames, or 'sam' / 'zsharp' "
             "(sharpness-aware: two forward/backward passes per step, wrapping --base_optim)."
         },
     )
-    base_optim: OptimizerNames | str = field(
+    base_optim: str = field(
         default=DEFAULT_OPTIM,
         metadata={"help": "With --optim sam/zsharp: the base optimizer (sgd, adamw_torch, ...), built as for --optim."},
     )
-    rho: float = field(default=0.05, metadata={"help": "With --optim sam/zsharp: the perturbation radius."})
-    percentile: float = field(
-        default=70.0,
-        metadata={"help": "With --optim zsharp: percentile of |z-score| below which gradient entries are dropped."},
-    )
-    scope: Literal["global", "tensor"] = field(
-        default="global",
-        metadata={
-            "help": "With --optim zsharp: 'global' (one threshold over the model, the seed README) or 'tensor' "
-            "(per-tensor thresholds and norms, the paper's code)."
-        },
-    )
-    interval: int = field(
-        default=1, metadata={"help": "With --optim sam/zsharp: a sharpness step every `interval` optimizer steps."}
-    )
-    adaptive: bool = field(
-        default=False, metadata={"help": "With --optim sam/zsharp: ASAM scaling by |w| (use a larger --rho)."}
-    )
+    rho: float = field(default=OPTIONS["rho"].default, metadata={"help": _help("rho")})
+    percentile: float = field(default=OPTIONS["percentile"].default, metadata={"help": _help("percentile")})
+    scope: Literal["global", "tensor"] = field(default=OPTIONS["scope"].default, metadata={"help": _help("scope")})
+    interval: int = field(default=OPTIONS["interval"].default, metadata={"help": _help("interval")})
+    adaptive: bool = field(default=OPTIONS["adaptive"].default, metadata={"help": _help("adaptive")})
 
     def __post_init__(self):
-        optim = SharpnessOptimizerNames(_value(self.optim).lower())  # a typo fails here, listing choices
-        base = OptimizerNames(_value(self.base_optim).lower())
+        optim = _optimizer_name(self.optim, SharpnessOptimizerNames, "--optim")
+        base = _optimizer_name(self.base_optim, OptimizerNames, "--base_optim")
         sharp = optim.value in SHARPNESS_OPTIMIZERS
+        warn_unused_flags(self)
         if sharp:
-            check_sharpness_hparams(optim.value, **self.sharpness_hparams())
+            check_sharpness_hparams(optim.value, **self.sharpness_hparams(optim.value))
             self.optim = base  # transformers' own checks see the optimizer that takes the steps
         else:
             self.optim = OptimizerNames(optim.value)
@@ -152,11 +175,25 @@ class SharpnessArgumentsMixin:
                     f"--optim {optim.value} does not support {what} yet; use DDP (torchrun / accelerate launch)"
                 )
 
-    def sharpness_hparams(self) -> dict[str, Any]:
-        """The keyword arguments of the sharpness-aware optimizer."""
-        return dict(
-            rho=self.rho, interval=self.interval, adaptive=self.adaptive, percentile=self.percentile, scope=self.scope
-        )
+    def sharpness_hparams(self, name: str | None = None) -> dict[str, Any]:
+        """The keyword arguments of the sharpness-aware optimizer (``name``, default
+        ``--optim``): the fields it takes."""
+        name = name or sharpness_name(self)
+        values = {k: getattr(self, k) for k in SHARPNESS_FIELDS}
+        return accepted_hparams(name, values) if name else values
+
+
+def _optimizer_name(value: Any, names: type, flag: str):
+    """``names(value)``; a typo fails with the choices on one short line (not argparse's usage)."""
+    try:
+        return names(_value(value).lower())
+    except ValueError:
+        choices = sorted(m.value for m in names)
+        close = difflib.get_close_matches(_value(value).lower(), choices, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(
+            f"{flag} {_value(value)!r} is not an optimizer name; {hint}choices: {', '.join(choices)}"
+        ) from None
 
 
 def base_optimizer_args(args: Any) -> Any:

@@ -10,7 +10,7 @@ gradient and of the weights)::
     before optimizer.step:  w <- w_t exactly (copy); keep g_t           (on_pre_optimizer_step)
     optimizer.step:         w_{t+1} = base step from g_t
 
-where ``e(g)`` is the core's SAM / ZSharp perturbation of ``g`` (the synchronised, unscaled,
+where ``e(g)`` is the core's SAM / ZSharp perturbation of ``g`` (:mod:`zsharp_algos.engine`) (the synchronised, unscaled,
 clipped gradient the optimizer used; the same on every rank). It differs from two-pass SAM in
 that the ascent direction comes from the *previous* step's gradient (measured at the previous
 perturbed point and another batch), not from the current batch at the current weights; and the
@@ -20,8 +20,8 @@ only between ``on_step_begin`` and ``on_pre_optimizer_step``, so evaluation, log
 checkpoints always see the unperturbed weights.
 
 For true two-pass training use ``--optim sam`` / ``--optim zsharp`` with
-:mod:`zsharp_algos.hf.trainer` (or the ``zsharp-hf`` launcher); with that trainer these
-callbacks do nothing (the trainer logs the statistics itself).
+:mod:`zsharp_algos.hf.trainer` (or the ``zsharp-hf`` launcher); these callbacks refuse to run
+together with it (both would perturb).
 
 Logs: ``sharpness/perturbation_norm`` and ``sharpness/perturbed_fraction``
 (:mod:`zsharp_algos.stats`) are added to the training logs in ``on_log``. Callbacks added with
@@ -38,9 +38,11 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from .._tensors import group_by_device_dtype
-from ..stats import SharpnessStats
-from .arguments import build_sharpness_optimizer, check_sharpness_hparams, unsupported_setup
-from .trainer import find_two_pass
+from ..engine import PerturbationEngine
+from ..options import fill_group
+from ..registry import optimizer_info
+from ..two_pass import find_sharpness_optimizer
+from .arguments import check_sharpness_hparams, is_sharpness_optim, unsupported_setup
 
 __all__ = ["SharpnessCallback", "SAMCallback", "ZSharpCallback"]
 
@@ -50,53 +52,61 @@ class SharpnessCallback(TrainerCallback):
 
     Args:
         optimizer: ``"sam"`` or ``"zsharp"`` (:data:`zsharp_algos.registry.SHARPNESS_OPTIMIZERS`).
-        **hparams: its hyper-parameters (``rho``, ``interval``, ``adaptive``, and for ZSharp
-            ``percentile``, ``scope``).
+        **hparams: its options (``rho``, ``interval``, ``adaptive``, and for ZSharp
+            ``percentile``, ``scope``); the trainer's optimizer groups get them as keys.
     """
 
     def __init__(self, optimizer: str, **hparams: Any):
-        check_sharpness_hparams(optimizer, **hparams)
-        self.optimizer_name = optimizer
-        self.hparams = hparams
-        self.interval = int(hparams.get("interval", 1))
-        self.stats = SharpnessStats()
-        self._sharpness = None  # the core optimizer around the Trainer's base optimizer
+        self.info = optimizer_info(optimizer)
+        given = check_sharpness_hparams(self.info.name, **hparams)
+        self.hparams = {**{o.name: o.default for o in self.info.options}, **given}
+        self.engine: PerturbationEngine | None = None  # over the Trainer's base optimizer
         self._params: list[Tensor] = []
         self._grads: dict[Tensor, Tensor] = {}  # the kept gradient, one buffer per parameter
         self._kept = False
 
+    @property
+    def stats(self):
+        return self.engine.stats if self.engine is not None else None
+
     # -------------------------------------------------------------- set-up
+    def _refuse_double(self, where: str) -> None:
+        raise ValueError(
+            f"{type(self).__name__} with {where}: that trainer already runs two-pass sharpness-aware steps; "
+            "use one or the other (drop the callback, or use --optim with a base optimizer name)"
+        )
+
     def on_init_end(self, args, state, control, **kwargs):
         what = unsupported_setup(args)
         if what is not None:
             raise ValueError(f"{type(self).__name__} does not support {what} yet; use DDP instead")
+        if is_sharpness_optim(args):
+            self._refuse_double(f"--optim {args.optim}")
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._kept = False
-        if optimizer is None or find_two_pass(optimizer) is not None:
-            self._sharpness = None  # a two-pass trainer already does the real thing
+        if optimizer is None:
             return
+        if find_sharpness_optimizer(optimizer) is not None:
+            self._refuse_double(f"a {type(find_sharpness_optimizer(optimizer)).__name__} optimizer")
         base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        self._sharpness = build_sharpness_optimizer(self.optimizer_name, base, **self.hparams)
-
-    def _is_sharpness_step(self, step: int) -> bool:
-        """Optimizer step number ``step`` (counting from 1) perturbs: as the core's interval."""
-        return step % self.interval == 0
+        for group in base.param_groups:
+            fill_group(group, self.hparams, self.info.options, type(self).__name__)
+        self.engine = PerturbationEngine(base, self.info.cls.make_direction, self.info.cls.direction_options)
 
     # -------------------------------------------------------------- the step
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):
-        sharpness = self._sharpness
-        if sharpness is None or not self._kept or not self._is_sharpness_step(state.global_step + 1):
+        engine = self.engine
+        if engine is None or not self._kept or not engine.is_due(state.global_step):
             return
-        params = [p for g in sharpness.param_groups for p in g["params"]]
+        params = [p for g in engine.owner.param_groups for p in g["params"]]
         held = [p.grad for p in params]
         kept = set(self._params)
         for p in params:
             p.grad = self._grads[p] if p in kept else None
         try:
-            sharpness.first_step(zero_grad=False)  # the kept gradient becomes e; w saved, w += e
-            self.stats.add_perturbation([self._grads[p] for p in self._params])
+            engine.perturb(state.global_step, free_grads=False)  # the kept gradient becomes e; w kept
         finally:
             for p, g in zip(params, held):
                 p.grad = g
@@ -104,13 +114,13 @@ class SharpnessCallback(TrainerCallback):
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        sharpness = self._sharpness
-        if sharpness is None:
+        engine = self.engine
+        if engine is None:
             return
-        sharpness.restore()  # exact: the optimizer steps from the unperturbed weights
-        if not self._is_sharpness_step(state.global_step + 2):
+        engine.restore()  # exact: the optimizer steps from the unperturbed weights
+        if not engine.is_due(state.global_step + 1):
             return
-        params = [p for g in sharpness.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in engine.owner.param_groups for p in g["params"] if p.grad is not None]
         for p in params:
             if p not in self._grads:
                 self._grads[p] = torch.empty_like(p.grad)
@@ -123,35 +133,29 @@ class SharpnessCallback(TrainerCallback):
             self._kept = False  # an fp16 overflow: the kept gradient is not finite
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._sharpness is not None:
-            self._sharpness.restore()  # a no-op unless training stopped inside a step
+        if self.engine is not None:
+            self.engine.restore()  # a no-op unless training stopped inside a step
 
     # -------------------------------------------------------------- logging
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs and self.stats.pending():
-            stats = {k: round(v, 6) for k, v in self.stats.pop().items()}
-            logs.update(stats)
+        stats = self.stats
+        if logs is not None and "loss" in logs and stats is not None and stats.pending():
+            values = {k: round(v, 6) for k, v in stats.pop().items()}
+            logs.update(values)
             if state.log_history:  # the Trainer recorded this log (a copy) just before on_log
-                state.log_history[-1].update(stats)
+                state.log_history[-1].update(values)
 
 
 class SAMCallback(SharpnessCallback):
     """Single-pass SAM along the previous step's gradient (see :mod:`zsharp_algos.hf.callback`)."""
 
-    def __init__(self, rho: float = 0.05, interval: int = 1, adaptive: bool = False):
-        super().__init__("sam", rho=rho, interval=interval, adaptive=adaptive)
+    def __init__(self, **hparams: Any):
+        super().__init__("sam", **hparams)
 
 
 class ZSharpCallback(SharpnessCallback):
     """Single-pass ZSharp along the previous step's filtered gradient (see
     :mod:`zsharp_algos.hf.callback`)."""
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        percentile: float = 70.0,
-        scope: str = "global",
-        interval: int = 1,
-        adaptive: bool = False,
-    ):
-        super().__init__("zsharp", rho=rho, percentile=percentile, scope=scope, interval=interval, adaptive=adaptive)
+    def __init__(self, **hparams: Any):
+        super().__init__("zsharp", **hparams)

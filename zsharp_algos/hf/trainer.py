@@ -6,15 +6,15 @@
 :class:`~zsharp_algos.ZSharp` instance passed as ``optimizers=(optimizer, scheduler)``:
 
 * the optimizer is transformers' own ``--base_optim`` optimizer (same parameter groups, weight
-  decay split, ``--optim_args``) wrapped in the sharpness-aware optimizer and a
-  :class:`~zsharp_algos.two_pass.TwoPassOptimizer`;
+  decay split, ``--optim_args``) wrapped in the sharpness-aware optimizer, whose interval
+  follows the trainer's ``global_step`` (so resume keeps the phase);
 * ``training_step`` runs the stock ``training_step`` twice per micro-batch on sharpness steps:
   first inside ``accelerator.no_sync(model)`` (forward included: no DDP all-reduce, each rank
   perturbs with its own gradient), then, at the perturbed weights with BatchNorm statistics
   frozen, through the stock path, so transformers' loss scaling for gradient accumulation, DDP
   sync, fp16/bf16, clipping (``--max_grad_norm``, once, on the gradient the base optimizer
   uses), scheduler-skip-on-overflow and loss logging work as for any optimizer; the weights are
-  restored by copy afterwards. See :mod:`zsharp_algos.two_pass` for the overflow handling;
+  restored exactly afterwards. See :mod:`zsharp_algos.two_pass` for the overflow handling;
 * the logs of training steps get ``sharpness/*`` statistics (:mod:`zsharp_algos.stats`),
   averaged over processes.
 
@@ -32,9 +32,8 @@ from typing import Any
 from transformers import Seq2SeqTrainer as HFSeq2SeqTrainer
 from transformers import Trainer as HFTrainer
 
-from ..accelerate import mean_over_processes
-from ..optimizer import SharpnessAwareOptimizer
-from ..two_pass import TwoPassOptimizer
+from ..accelerate_loop import mean_over_processes
+from ..two_pass import find_sharpness_optimizer, two_pass_backward
 from .arguments import (
     base_optimizer_args,
     build_sharpness_optimizer,
@@ -43,16 +42,7 @@ from .arguments import (
     unsupported_setup,
 )
 
-__all__ = ["TwoPassTrainerMixin", "Trainer", "Seq2SeqTrainer", "find_two_pass"]
-
-
-def find_two_pass(optimizer: Any) -> TwoPassOptimizer | None:
-    """The :class:`TwoPassOptimizer` in ``optimizer`` (possibly accelerate-wrapped), or None."""
-    inner = getattr(optimizer, "optimizer", None)
-    for candidate in (optimizer, inner):
-        if isinstance(candidate, TwoPassOptimizer):
-            return candidate
-    return None
+__all__ = ["TwoPassTrainerMixin", "Trainer", "Seq2SeqTrainer"]
 
 
 class TwoPassTrainerMixin:
@@ -60,9 +50,7 @@ class TwoPassTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(self.optimizer, SharpnessAwareOptimizer):
-            self.optimizer = TwoPassOptimizer(self.optimizer)
-        if is_sharpness_optim(self.args) or self.optimizer is not None and find_two_pass(self.optimizer):
+        if is_sharpness_optim(self.args) or find_sharpness_optimizer(self.optimizer) is not None:
             what = unsupported_setup(self.args)
             if what is None and getattr(self, "is_deepspeed_enabled", False):
                 what = "DeepSpeed"
@@ -85,17 +73,19 @@ class TwoPassTrainerMixin:
         # transformers < 5 has no `model` argument here
         optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
         if wrap:
-            sharpness = build_sharpness_optimizer(sharpness_name(self.args), optimizer, **self.args.sharpness_hparams())
-            self.optimizer = TwoPassOptimizer(sharpness)
+            self.optimizer = build_sharpness_optimizer(
+                sharpness_name(self.args), optimizer, schedule=lambda: self.state.global_step, **self.args.sharpness_hparams()
+            )
         return self.optimizer
 
     # -------------------------------------------------------------- the step
     def training_step(self, model, inputs, num_items_in_batch=None):
         stock = super().training_step
-        two_pass = find_two_pass(self.optimizer)
-        if two_pass is None:
+        sharpness = find_sharpness_optimizer(self.optimizer)
+        if sharpness is None:
             return stock(model, inputs, num_items_in_batch)
-        return two_pass.backward(
+        return two_pass_backward(
+            sharpness,
             lambda: stock(model, inputs, num_items_in_batch),
             model,
             no_sync=functools.partial(self.accelerator.no_sync, model),
@@ -104,9 +94,9 @@ class TwoPassTrainerMixin:
 
     # -------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        two_pass = find_two_pass(self.optimizer)
-        if two_pass is not None and "loss" in logs and two_pass.stats.pending():
-            stats = mean_over_processes(self.accelerator, two_pass.stats.pop_tensors())
+        sharpness = find_sharpness_optimizer(self.optimizer)
+        if sharpness is not None and "loss" in logs and sharpness.stats.pending():
+            stats = mean_over_processes(self.accelerator, sharpness.stats.pop_tensors())
             logs.update({k: round(v, 6) for k, v in stats.items()})
         super().log(logs, *args, **kwargs)
 

@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ClosureGradScaler
+from .._optional import require
+from ..options import add_cli_options, cli_values
+from ..registry import SHARPNESS_OPTIMIZERS, create_optimizer, is_sharpness_optimizer, optimizer_info
 from . import report
-from ._optional import require
-from .data import DATASETS, IMAGE_SIZE, ImageData, load_data
+from .data import DATASETS, ImageData, load_data
 from .devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
-from .directions import ZScoreDirection
-from .grad_scaler import ClosureGradScaler
-from .registry import SHARPNESS_OPTIMIZERS, create_optimizer
+from .models import timm_for, build_model
 
 __all__ = ["main", "parse_args", "build_model", "make_optimizer", "warm_up", "train_run", "evaluate"]
 
@@ -117,10 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (also the base of SAM/ZSharp)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     g = p.add_argument_group("sharpness-aware optimizers")
-    g.add_argument("--rho", type=float, default=0.1, help="perturbation radius (SAM and ZSharp)")
-    g.add_argument("--percentile", type=float, default=70.0, help="ZSharp: share of |z|-scores filtered out")
-    g.add_argument("--scope", choices=ZScoreDirection.SCOPES, default="global", help="ZSharp: threshold scope")
-    g.add_argument("--interval", type=_positive(int), default=1, help="a sharpness step every k-th step")
+    # rho 0.1 rather than the library's 0.05: on 40% label noise the larger radius helps more
+    add_cli_options(g, ("rho", "percentile", "scope", "interval"), rho=0.1)
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N; auto: cuda, else mps, else cpu")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16: CUDA only (loss scaling)")
@@ -133,35 +132,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)  # string defaults go through `type` too
 
 
-# --------------------------------------------------------------------------- model and optimizer
-def _timm(model_name: str):
-    """The timm module, after checking that it knows ``model_name``."""
-    timm = require("timm", "vision", "--model (timm models)")
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model {model_name!r} (see timm.list_models())")
-    return timm
-
-
-def build_model(name: str, num_classes: int, image_size: int = IMAGE_SIZE, **kwargs) -> nn.Module:
-    """An untrained ``timm`` model. Models that take ``img_size`` (ViTs, Swin...) are built for
-    ``image_size`` inputs; others (CNNs) adapt to any size by themselves."""
-    timm = _timm(name)
-    kwargs = dict(pretrained=False, num_classes=num_classes, **kwargs)
-    try:
-        return timm.create_model(name, **{"img_size": image_size, **kwargs})
-    except TypeError as err:
-        if "img_size" not in str(err):
-            raise
-    return timm.create_model(name, **kwargs)
-
-
+# --------------------------------------------------------------------------- optimizer
 def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """SGD with momentum, alone or as the base of SAM / ZSharp (BatchNorm-safe second pass)."""
     kwargs: dict[str, Any] = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    if name in SHARPNESS_OPTIMIZERS:
-        kwargs.update(rho=args.rho, interval=args.interval, model=model)
-    if name == "zsharp":
-        kwargs.update(percentile=args.percentile, scope=args.scope)
+    if is_sharpness_optimizer(name):
+        kwargs.update(cli_values(args, optimizer_info(name).options), model=model)
     return create_optimizer(name, model.parameters(), base="sgd", **kwargs)
 
 
@@ -285,7 +261,7 @@ def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None, 
     device = resolve_device(args.device)
     dtype = autocast_dtype(args.precision, device)
     report.require_plotting()
-    _timm(args.model)
+    timm_for(args.model)
     data = load_data(
         args.data, data_dir=args.data_dir, seed=args.data_seed, label_noise=args.label_noise,
         train_subset=args.train_subset, test_subset=args.test_subset,

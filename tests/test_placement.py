@@ -10,9 +10,22 @@ import torch
 from torch import nn
 
 from zsharp_algos import SAM, ZSharp
-from zsharp_algos import optimizer as optimizer_module
+from zsharp_algos.placement import Placement, storage_sole_owner
 
 from test_optimizer import batches, closure_for, flat_state, make_model
+
+
+def _moved(params, ptrs) -> list[bool]:
+    """Which parameters point at other memory than they did (re-pointed at w')."""
+    return [p.data_ptr() != ptr for p, ptr in zip(params, ptrs)]
+
+
+def test_sole_owner_reads_torch_storage_use_count():
+    own = torch.randn(3, 4)
+    assert storage_sole_owner(own)
+    view = own[1]
+    assert not storage_sole_owner(view) and not storage_sole_owner(own)  # shared now
+    assert not storage_sole_owner(torch.randn(8)[2:])
 
 
 def _first_pass(model, x, y):
@@ -33,8 +46,8 @@ def test_repointed_and_in_place_perturbations_are_the_same_bits(cls):
 
     opt_a.first_step(zero_grad=False)  # in place: the gradients hold e
     opt_b.first_step(zero_grad=True)  # re-pointed: w' built in the gradients' memory
-    assert opt_b._kept and not opt_b._perturbed and not opt_a._kept
-    assert all(p.data_ptr() != q for p, q in zip(b.parameters(), ptrs))
+    assert all(_moved(b.parameters(), ptrs))
+    assert not any(_moved(a.parameters(), [p.data_ptr() for p in a.parameters()]))
     for pa, pb, w0 in zip(a.parameters(), b.parameters(), w):
         assert torch.equal(pa, w0 + pa.grad)  # w' = w + e, the float sum
         assert torch.equal(pb, pa)
@@ -47,18 +60,20 @@ def test_repointed_and_in_place_perturbations_are_the_same_bits(cls):
         assert pb.data_ptr() == ptr  # the parameter's own memory, not a copy
 
 
-def test_training_is_identical_without_repointing(monkeypatch):
-    """The fallback (save + perturb in place + copy back) trains to the same bits."""
+def test_training_is_identical_without_repointing():
+    """The fallback (save + perturb in place + copy back: what runs where torch does not report
+    storage use counts) trains to the same bits."""
     runs = []
     for allow in (True, False):
-        if not allow:
-            monkeypatch.setattr(optimizer_module, "_storage_use_count", lambda storage: None)
         model = make_model()
         opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+        if not allow:
+            opt.engine.placement = Placement(sole_owner=lambda t: False)
+        ptrs = [p.data_ptr() for p in model.parameters()]
         repointed = []
         for x, y in batches(5):
             closure = closure_for(model, opt, x, y)
-            opt.step(lambda: (repointed.append(bool(opt._kept)), closure())[1])
+            opt.step(lambda: (repointed.append(any(_moved(model.parameters(), ptrs))), closure())[1])
         runs.append(flat_state(model))
         assert repointed == [False, allow] * 5  # seen by each step's two closure calls
     assert torch.equal(runs[0], runs[1])
@@ -91,8 +106,9 @@ def test_parameters_backed_by_shared_storage_are_perturbed_in_place():
     _first_pass(model, x, y)
     model.gather_grads()
     e = model.flat.grad * (0.05 / (model.flat.grad.norm() + 1e-12))
+    ptr = model.flat.data_ptr()
     opt.first_step(zero_grad=True)
-    assert not opt._kept
+    assert model.flat.data_ptr() == ptr
     assert torch.equal(torch.cat([model.weight.detach().flatten(), model.bias.detach()]), w + e)  # the model sees w'
     opt.restore()
     assert torch.equal(model.flat, w) and torch.equal(model.weight.detach().flatten(), w[:18])
@@ -111,8 +127,9 @@ def test_gradient_views_are_never_adopted_as_weights():
     for p in params:
         p.grad = bucket[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
+    ptrs = [p.data_ptr() for p in params]
     opt.first_step(zero_grad=True)
-    assert not opt._kept
+    assert not any(_moved(params, ptrs))
     perturbed = [p.detach().clone() for p in params]
     bucket.fill_(1e3)  # the next backward's all-reduce
     assert all(torch.equal(p, q) for p, q in zip(params, perturbed))
@@ -147,12 +164,14 @@ def test_zsharp_builds_w_prime_in_its_buffer_so_the_peak_stays_one_buffer():
     x, y = batches(1)[0]
     _first_pass(model, x, y)
     grads = [p.grad for p in model.parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    grad_memory = {g.data_ptr() for g in grads}
     opt.first_step(zero_grad=True)
-    (flat,) = opt._flat_backups.values()
-    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
-    assert len(opt._kept) == len(grads)
-    assert all(start <= p.data_ptr() < end for p in model.parameters())
+    assert all(_moved(model.parameters(), ptrs))  # all re-pointed ...
+    assert not any(p.data_ptr() in grad_memory for p in model.parameters())  # ... not into the gradients
+    assert opt.engine.placement.buffer.nbytes == sum(p.numel() * 4 for p in w)  # but into the one buffer
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(p, w + g) for p, (_, w), g in zip(model.parameters(), opt._kept, grads))
+    assert all(torch.equal(p, w0 + g) for p, w0, g in zip(model.parameters(), w, grads))
     opt.restore()
-    assert not any(start <= p.data_ptr() < end for p in model.parameters())
+    assert not any(_moved(model.parameters(), ptrs))

@@ -1,7 +1,7 @@
 """Summaries of a comparison run: the results table, ``results.json`` and ``curves.png``.
 
 A *run* is one optimizer trained with one seed, recorded as a dict (see
-:func:`zsharp_algos.compare.train_run`) with at least ``optimizer``, ``seed``, ``epochs`` (a list
+:func:`zsharp_algos.demo.compare.train_run`) with at least ``optimizer``, ``seed``, ``epochs`` (a list
 of per-epoch dicts with ``train_loss``, ``test_loss``, ``test_acc``), ``wall_time_s`` and
 ``step_time_s``.
 """
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from ._optional import require
+from .. import __version__
+from .._optional import require
 
 __all__ = ["summarize", "format_table", "environment", "write_json", "require_plotting", "plot_curves"]
 

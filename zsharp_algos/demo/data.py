@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._optional import require
+from .._optional import require
 
 __all__ = ["DATASETS", "ImageData", "load_data", "load_digits", "load_cifar10", "corrupt_labels"]
 

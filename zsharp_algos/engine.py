@@ -1,0 +1,185 @@
+r"""The perturbation engine: ``w -> w + e`` over the param groups due this step, and back.
+
+For the tensors of the groups due at step ``t`` (``rho > 0`` and ``(t + 1) % interval == 0``)::
+
+    d, nu = direction(g)               # the ascent direction and the norm that scales each tensor
+    e_i   = rho_i * T_i^2 * d_i / (nu_i + eps_i)     # T = |w| for adaptive groups, else 1
+    w_i  <- w_i + e_i                  # placement: re-pointed or in place (zsharp_algos.placement)
+
+and :meth:`PerturbationEngine.restore` puts every ``w`` back bitwise. ``e`` is formed in the
+gradients' memory (they are not needed afterwards: the second pass recomputes them). The formula
+lives here once; SAM, ZSharp and any future variant differ only in their :class:`Direction`.
+
+Tensors whose groups share the direction's options (ZSharp's ``percentile`` and ``scope``) form
+one *pool*: thresholds and norms are computed over the pool, so the usual split into a
+weight-decay group and a no-decay group still gives one threshold over the whole model. A group
+with ``rho=0`` is not perturbed and does not enter any norm.
+
+Used by :class:`~zsharp_algos.SharpnessAwareOptimizer` (``step(closure)``, ``first_step``), the
+two-pass backward of framework integrations, and the single-pass Hugging Face callback.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import group_by_device_dtype
+from .directions import Direction
+from .placement import Placement
+from .stats import SharpnessStats, squared_norm
+
+__all__ = ["PerturbationEngine", "interval_due"]
+
+
+def interval_due(step: int, interval: int) -> bool:
+    """Whether step ``step`` (0-based: the number of optimizer steps taken before it) is a
+    sharpness step for ``interval``: steps ``interval - 1``, ``2 * interval - 1``, ... i.e. the
+    ``interval``-th, ``2 * interval``-th, ... counting from 1. The one statement of the rule."""
+    return (step + 1) % interval == 0
+
+
+@lru_cache(maxsize=64)
+def _device_floats(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    # per-tensor rho / eps, built once per layout (a pageable host-to-device copy would wait)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+class PerturbationEngine:
+    """Perturbs and restores the parameters of ``owner.param_groups``.
+
+    Args:
+        owner: the optimizer whose ``param_groups`` (with the option keys ``rho``, ``interval``,
+            ``adaptive``, ``eps`` and the direction's own) say what to perturb.
+        direction: ``direction(**options)`` builds the :class:`Direction` for a pool, given the
+            values of ``direction_options`` its groups share.
+        direction_options: names of the group keys the direction takes.
+        record_stats: record :mod:`statistics <zsharp_algos.stats>` of every ``e`` into
+            :attr:`stats` (a few multi-tensor reductions per perturbation; no host sync).
+    """
+
+    def __init__(
+        self,
+        owner: Any,
+        direction: Callable[..., Direction],
+        direction_options: Sequence[str] = (),
+        *,
+        record_stats: bool = True,
+        placement: Placement | None = None,
+    ):
+        self.owner = owner
+        self._make_direction = direction
+        self._direction_options = tuple(direction_options)
+        self._directions: dict[tuple, Direction] = {}
+        self.placement = placement if placement is not None else Placement()
+        self.record_stats = bool(record_stats)
+        self.stats = SharpnessStats()
+
+    # ------------------------------------------------------------------ queries
+    def groups_due(self, step: int) -> list[dict]:
+        """The param groups perturbed at step ``step``."""
+        return [g for g in self.owner.param_groups if g["rho"] > 0 and interval_due(step, g["interval"])]
+
+    def is_due(self, step: int) -> bool:
+        """Whether anything is perturbed at step ``step``."""
+        return bool(self.groups_due(step))
+
+    @property
+    def perturbed(self) -> bool:
+        """Whether the weights are at ``w + e`` now."""
+        return self.placement.active
+
+    def trainable(self) -> list[Tensor]:
+        return [p for g in self.owner.param_groups for p in g["params"] if p.requires_grad]
+
+    def direction_for(self, group: dict) -> Direction:
+        key = tuple(group[k] for k in self._direction_options)
+        if key not in self._directions:
+            self._directions[key] = self._make_direction(**dict(zip(self._direction_options, key)))
+        return self._directions[key]
+
+    # ------------------------------------------------------------------ the work
+    @torch.no_grad()
+    def perturb(self, step: int, *, free_grads: bool) -> bool:
+        """``w <- w + e`` for the groups due at ``step``, from the gradients in ``.grad``;
+        returns whether anything was perturbed. Afterwards the gradients hold ``e``, or, with
+        ``free_grads`` (the caller sets them to ``None`` right after), their memory may hold
+        ``w + e``. Raises before any weight changes on bad input (sparse gradients, ...)."""
+        if self.placement.active:
+            raise RuntimeError(
+                "the weights are already perturbed (first_step() ran): finish the step with second_step() "
+                "or restore() before perturbing again"
+            )
+        pools: dict[int, tuple[Direction, list[Tensor], list[Tensor], list[dict]]] = {}
+        for group in self.groups_due(step):
+            direction = self.direction_for(group)
+            _, params, grads, owners = pools.setdefault(id(direction), (direction, [], [], []))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "sharpness-aware optimizers do not support sparse gradients "
+                        "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+                owners.append(group)
+        pools = {k: v for k, v in pools.items() if v[1]}
+        if not pools:
+            return False
+        all_params = [p for _, ps, _, _ in pools.values() for p in ps]
+        all_grads = [g for _, _, gs, _ in pools.values() for g in gs]
+        grad_sq = squared_norm(all_grads) if self.record_stats else None
+        # The weights are untouched until placement: an error in a direction leaves them as they were.
+        into_buffer = False
+        for direction, params, grads, owners in pools.values():
+            storage = None
+            if direction.uses_storage:
+                numel = sum(g.numel() for g in grads)
+                storage = self.placement.scratch(params, self.trainable, numel)
+                into_buffer = True
+            norms = direction(params, grads, adaptive=[o["adaptive"] for o in owners], storage=storage)
+            _scale_into_perturbation(params, grads, owners, norms)
+        if self.record_stats:
+            self.stats.add_perturbation(all_grads, all_grads, grad_sq)
+        self.placement.apply(all_params, all_grads, self.trainable, may_move=free_grads, into_buffer=into_buffer)
+        return True
+
+    def restore(self) -> None:
+        """Put the weights back exactly (a no-op when not perturbed)."""
+        self.placement.restore()
+
+
+def _scale_into_perturbation(params: list[Tensor], grads: list[Tensor], owners: list[dict], norms: Tensor) -> None:
+    """``grads <- e = rho * T^2 * d / (nu + eps)`` in place (``grads`` hold ``d``), with
+    multi-tensor kernels per device/dtype."""
+    rhos = [o["rho"] for o in owners]
+    epss = [o["eps"] for o in owners]
+    uniform_norm = norms.dim() == 0 or norms.stride(0) == 0  # one norm for every tensor (SAM, global scope)
+    uniform_hp = len(set(rhos)) == 1 and len(set(epss)) == 1
+    norm_dtype = norms.dtype
+    if uniform_norm and uniform_hp:
+        coefs: list[Tensor] | Tensor = rhos[0] / (norms.reshape(-1)[0] + epss[0])
+    else:
+        device = norms.device
+        rho = rhos[0] if len(set(rhos)) == 1 else _device_floats(tuple(rhos), device, norm_dtype)
+        eps = epss[0] if len(set(epss)) == 1 else _device_floats(tuple(epss), device, norm_dtype)
+        coefs = list((rho / (norms.expand(len(grads)) + eps)).unbind())
+    for idx, (ps, gs) in group_by_device_dtype(params, grads):
+        adaptive = [i for i in idx if owners[i]["adaptive"]]
+        if adaptive:
+            if len(adaptive) == len(idx):
+                torch._foreach_mul_(gs, ps)
+                torch._foreach_mul_(gs, ps)
+            else:
+                a_g = [grads[i] for i in adaptive]
+                a_p = [params[i] for i in adaptive]
+                torch._foreach_mul_(a_g, a_p)
+                torch._foreach_mul_(a_g, a_p)
+        if isinstance(coefs, Tensor):
+            torch._foreach_mul_(gs, coefs.to(gs[0].device))
+        else:
+            torch._foreach_mul_(gs, [coefs[i].to(gs[0].device) for i in idx])
