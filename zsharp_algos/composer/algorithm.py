@@ -16,6 +16,7 @@ reference notes):
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -25,7 +26,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
 from ..optimizer import SharpnessAwareOptimizer
-from ..options import OPTIONS, check_options
+from ..options import check_options
 from .optimizer import ComposerSAM, ComposerZSharp, TrainerClosureMixin
 
 __all__ = ["SharpnessAwareAlgorithm", "SAMAlgorithm", "ZSharpAlgorithm"]
@@ -34,10 +35,6 @@ SUPPORTED = (
     "single-process or DDP data-parallel training (CPU with gloo, GPUs with nccl), "
     "precision fp32, amp_bf16 or amp_fp16"
 )
-
-
-def _default(name: str) -> Any:
-    return OPTIONS[name].default
 
 
 class SharpnessAwareAlgorithm(Algorithm):
@@ -50,13 +47,27 @@ class SharpnessAwareAlgorithm(Algorithm):
     optimizer_cls: type[TrainerClosureMixin] = ComposerSAM
     _events = (Event.INIT, Event.BATCH_END)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # help() and IDEs show the options of the installed optimizer, from the one table
+        options = [
+            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+            for o in cls.optimizer_cls.options
+        ]
+        extra = [
+            inspect.Parameter("sync_first_pass", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("log_interval", inspect.Parameter.KEYWORD_ONLY, default=100),
+        ]
+        cls.__signature__ = inspect.Signature(options + extra)
+
     def __init__(self, *, sync_first_pass: bool = False, log_interval: int = 100, **options: Any):
         if not isinstance(sync_first_pass, bool):
             raise ValueError(f"sync_first_pass must be a bool, got {sync_first_pass!r}")
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 0:
             raise ValueError(f"log_interval must be an integer >= 0 (0: no metrics), got {log_interval!r}")
         # Checked now, so a bad value fails here rather than at Trainer construction.
-        self.options = check_options(options, self.optimizer_cls.options, type(self).__name__)
+        given = check_options(options, self.optimizer_cls.options, type(self).__name__)
+        self.options = {**{o.name: o.default for o in self.optimizer_cls.options}, **given}
         self.sync_first_pass, self.log_interval = sync_first_pass, log_interval
 
     def __getattr__(self, name: str) -> Any:  # algorithm.rho etc.
@@ -187,19 +198,6 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
 
     optimizer_cls = ComposerSAM
 
-    def __init__(
-        self,
-        rho: float = _default("rho"),
-        interval: int = _default("interval"),
-        adaptive: bool = _default("adaptive"),
-        eps: float = _default("eps"),
-        sync_first_pass: bool = False,
-        log_interval: int = 100,
-    ):
-        super().__init__(
-            rho=rho, interval=interval, adaptive=adaptive, eps=eps, sync_first_pass=sync_first_pass, log_interval=log_interval
-        )
-
 
 class ZSharpAlgorithm(SharpnessAwareAlgorithm):
     """ZSharp (`arXiv 2505.02369 <https://arxiv.org/abs/2505.02369>`_): SAM whose perturbation
@@ -233,28 +231,6 @@ class ZSharpAlgorithm(SharpnessAwareAlgorithm):
     """
 
     optimizer_cls = ComposerZSharp
-
-    def __init__(
-        self,
-        rho: float = _default("rho"),
-        percentile: float = _default("percentile"),
-        scope: str = _default("scope"),
-        interval: int = _default("interval"),
-        adaptive: bool = _default("adaptive"),
-        eps: float = _default("eps"),
-        sync_first_pass: bool = False,
-        log_interval: int = 100,
-    ):
-        super().__init__(
-            rho=rho,
-            percentile=percentile,
-            scope=scope,
-            interval=interval,
-            adaptive=adaptive,
-            eps=eps,
-            sync_first_pass=sync_first_pass,
-            log_interval=log_interval,
-        )
 
 
 def check_supported(state: State, who: str) -> None:
