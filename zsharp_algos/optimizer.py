@@ -197,7 +197,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}.step() without a closure on a sharpness step, and no first_step() ran: "
                     "pass a closure (zero_grad + forward + backward + return loss), or call first_step() and "
-                    "second_step() around your second forward/backward"
+                    "second_step() around your second forward/backward. A framework that owns backward needs our "
+                    "integration: zsharp_algos.hf.Trainer (or the zsharp-hf launcher) for the Hugging Face Trainer, "
+                    "zsharp_algos.accelerate_loop.TwoPassBackward for accelerate loops, the Composer algorithms"
                 )
             self.base_step()
             return None
