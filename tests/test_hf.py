@@ -322,3 +322,15 @@ def test_callback_refuses_the_two_pass_trainer_misplaced_options_and_fsdp(tmp_pa
 
     with pytest.raises(ValueError, match="FSDP"):
         zhf.SAMCallback().on_init_end(FSDPArgs(), None, None)
+
+
+def test_a_stock_trainer_given_a_zsharp_optimizer_says_which_trainer_to_use(tmp_path):
+    """A half-migration (stock transformers.Trainer, our optimizer) fails at the first step with
+    the fix named, before any weight changes."""
+    model = Recorder(mlp())
+    start = copy.deepcopy(model.state_dict())
+    args = arguments(tmp_path, cls=live_transformers().TrainingArguments, optim="sgd")
+    with pytest.raises(RuntimeError, match="zsharp_algos.hf.Trainer"):
+        train(args, model, trainer_cls=live_transformers().Trainer, optimizers=(ZSharp(sgd(model)), None))
+    weights = lambda sd: {k: v for k, v in sd.items() if "running" not in k and "num_batches" not in k}  # noqa: E731
+    assert_same(weights(model.state_dict()), weights(start))
