@@ -1,0 +1,159 @@
+"""What the Lightning callbacks do, independent of which Lightning package they subclass.
+
+:mod:`zsharp_algos.lightning.callback` (``lightning.pytorch``) and
+:mod:`zsharp_algos.lightning.pytorch_lightning` put these hooks on their package's ``Callback``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from .driver import GlobalStep, SharpnessAwareDriver, check_supported
+
+__all__ = ["SharpnessAwareHooks", "SAMHooks", "ZSharpHooks"]
+
+
+class SharpnessAwareHooks:
+    """Runs the sharpness-aware optimizers that ``configure_optimizers`` returns (see
+    :class:`zsharp_algos.lightning.SharpnessAwareCallback`)."""
+
+    #: The optimizer the callback builds around the trainer's; None: use the module's own.
+    optimizer_cls: type[SharpnessAwareOptimizer] | None = None
+
+    def __init__(self, *, sync_first_pass: bool = False, log_stats: bool = True):
+        if not isinstance(sync_first_pass, bool):
+            raise ValueError(f"sync_first_pass must be a bool, got {sync_first_pass!r}")
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"log_stats must be a bool, got {log_stats!r}")
+        self.sync_first_pass, self.log_stats = sync_first_pass, log_stats
+        self._driver: SharpnessAwareDriver | None = None
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    def hparams(self) -> dict[str, Any]:
+        """All arguments, plain Python types."""
+        return dict(self._options(), sync_first_pass=self.sync_first_pass, log_stats=self.log_stats)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())})"
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            check_supported(trainer, type(self).__name__)  # before the model is wrapped or anything runs
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # After the optimizers exist, before a checkpoint is loaded into them (ckpt_path=).
+        optimizers = list(trainer.optimizers)
+        installed = [self._install(opt, trainer, pl_module) for opt in optimizers]
+        if any(new is not old for new, old in zip(installed, optimizers)):
+            trainer.optimizers = installed
+        self._detach()
+        self._driver = SharpnessAwareDriver(trainer, who=type(self).__name__, sync_first_pass=self.sync_first_pass)
+        self._driver.attach()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._driver is not None and self.log_stats:
+            self._driver.log_stats(pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._detach()
+
+    # ------------------------------------------------------------------ the work
+    def _install(self, optimizer: Any, trainer: Any, pl_module: Any) -> SharpnessAwareOptimizer:
+        who = type(self).__name__
+        if self.optimizer_cls is None:
+            if not isinstance(optimizer, SharpnessAwareOptimizer):
+                raise TypeError(
+                    f"{who} runs the sharpness-aware optimizer configure_optimizers returns, got "
+                    f"{type(optimizer).__name__}: return zsharp_algos.lightning.LightningSAM / LightningZSharp "
+                    "(or zsharp_algos.SAM / ZSharp), or use SAMCallback(...) / ZSharpCallback(...), which wrap "
+                    "the optimizer you return"
+                )
+            return optimizer
+        if isinstance(optimizer, SharpnessAwareOptimizer):
+            raise TypeError(
+                f"{who} wraps the optimizer configure_optimizers returns, and that is already sharpness-aware "
+                f"({type(optimizer).__name__}): return a plain base optimizer (torch.optim.SGD, AdamW, ...), or "
+                "drop the callback (LightningSAM / LightningZSharp attach themselves)"
+            )
+        return self.optimizer_cls(
+            optimizer, model=pl_module, schedule=GlobalStep(trainer), record_stats=self.log_stats, **self._options()
+        )
+
+    def _detach(self) -> None:
+        if self._driver is not None:
+            self._driver.detach()
+            self._driver = None
+
+
+class SAMHooks(SharpnessAwareHooks):
+    """Wraps the trainer's optimizer in :class:`zsharp_algos.SAM` (see
+    :class:`zsharp_algos.lightning.SAMCallback`)."""
+
+    optimizer_cls = SAM
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        interval: int = 1,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        *,
+        sync_first_pass: bool = False,
+        log_stats: bool = True,
+    ):
+        super().__init__(sync_first_pass=sync_first_pass, log_stats=log_stats)
+        self.rho, self.interval, self.adaptive, self.eps = rho, interval, adaptive, eps
+        self._validate()
+
+    def _validate(self) -> None:
+        # The core checks every option (and names the fix): on a dummy parameter, now, so a bad
+        # value fails where the callback is built rather than when fit starts.
+        probe = self.optimizer_cls(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._options())
+        for key, value in probe.hparams().items():
+            if hasattr(self, key):
+                setattr(self, key, value)  # the core's plain types (float rho, ...)
+
+    def _options(self) -> dict[str, Any]:
+        return {"rho": self.rho, "interval": self.interval, "adaptive": self.adaptive, "eps": self.eps}
+
+
+class ZSharpHooks(SAMHooks):
+    """Wraps the trainer's optimizer in :class:`zsharp_algos.ZSharp` (see
+    :class:`zsharp_algos.lightning.ZSharpCallback`)."""
+
+    optimizer_cls = ZSharp
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        percentile: float = 70.0,
+        scope: str = "global",
+        interval: int = 1,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        *,
+        sync_first_pass: bool = False,
+        log_stats: bool = True,
+    ):
+        self.percentile, self.scope = percentile, scope
+        super().__init__(rho, interval, adaptive, eps, sync_first_pass=sync_first_pass, log_stats=log_stats)
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "rho": self.rho,
+            "percentile": self.percentile,
+            "scope": self.scope,
+            "interval": self.interval,
+            "adaptive": self.adaptive,
+            "eps": self.eps,
+        }
