@@ -101,6 +101,14 @@ class ClosureGradScaler:
         self._found_inf = found if self._found_inf is None else self._found_inf + found
         return bool(found)
 
+    def record_overflow(self) -> None:
+        """Count an overflow seen elsewhere (another process's unsynced pass), so the next
+        :meth:`update` backs off as on the processes that saw it."""
+        if not self.enabled or self._scale is None:
+            return
+        one = torch.ones((), dtype=torch.float32, device=self._scale.device)
+        self._found_inf = one if self._found_inf is None else self._found_inf + one
+
     # ------------------------------------------------------------------ stepping
     def step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]):
         """Run ``optimizer.step`` with a closure whose gradients are unscaled after every call.

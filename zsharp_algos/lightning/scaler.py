@@ -67,8 +67,6 @@ class LightningClosureScaler(ClosureGradScaler):
         One all-reduce of a flag (and a host read)."""
         flag = torch.tensor(float(found_here), device=strategy.root_device)
         anywhere = bool(strategy.reduce(flag, reduce_op="sum") > 0)
-        if anywhere and not found_here and self._scale is not None:
-            # ClosureGradScaler.update() backs off when its overflow sum is positive.
-            one = torch.ones((), dtype=torch.float32, device=self._scale.device)
-            self._found_inf = one if self._found_inf is None else self._found_inf + one
+        if anywhere and not found_here:
+            self.record_overflow()
         return anywhere
