@@ -5,11 +5,11 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-import torch
-
 from ..optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from ..options import check_options
 from .driver import GlobalStep, SharpnessAwareDriver, check_supported
 
 __all__ = ["SharpnessAwareHooks", "SAMHooks", "ZSharpHooks"]
@@ -95,65 +95,46 @@ class SharpnessAwareHooks:
             self._driver = None
 
 
-class SAMHooks(SharpnessAwareHooks):
+class _WrappingHooks(SharpnessAwareHooks):
+    """Builds :attr:`optimizer_cls` around the trainer's optimizer with the given options (the
+    option table of :mod:`zsharp_algos.options` gives their names, defaults and checks)."""
+
+    def __init__(self, *, sync_first_pass: bool = False, log_stats: bool = True, **options: Any):
+        super().__init__(sync_first_pass=sync_first_pass, log_stats=log_stats)
+        # checked now, so a bad value fails where the callback is built rather than when fit starts
+        given = check_options(options, self.optimizer_cls.options, type(self).__name__)
+        self.options = {**{o.name: o.default for o in self.optimizer_cls.options}, **given}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.optimizer_cls is not None:  # help() and IDEs show the options, from the one table
+            keyword = inspect.Parameter.KEYWORD_ONLY
+            params = [inspect.Parameter(o.name, keyword, default=o.default) for o in cls.optimizer_cls.options]
+            params += [
+                inspect.Parameter("sync_first_pass", keyword, default=False),
+                inspect.Parameter("log_stats", keyword, default=True),
+            ]
+            cls.__signature__ = inspect.Signature(params)
+
+    def __getattr__(self, name: str) -> Any:  # callback.rho etc.
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+class SAMHooks(_WrappingHooks):
     """Wraps the trainer's optimizer in :class:`zsharp_algos.SAM` (see
     :class:`zsharp_algos.lightning.SAMCallback`)."""
 
     optimizer_cls = SAM
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        interval: int = 1,
-        adaptive: bool = False,
-        eps: float = 1e-12,
-        *,
-        sync_first_pass: bool = False,
-        log_stats: bool = True,
-    ):
-        super().__init__(sync_first_pass=sync_first_pass, log_stats=log_stats)
-        self.rho, self.interval, self.adaptive, self.eps = rho, interval, adaptive, eps
-        self._validate()
 
-    def _validate(self) -> None:
-        # The core checks every option (and names the fix): on a dummy parameter, now, so a bad
-        # value fails where the callback is built rather than when fit starts.
-        probe = self.optimizer_cls(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self._options())
-        for key, value in probe.hparams().items():
-            if hasattr(self, key):
-                setattr(self, key, value)  # the core's plain types (float rho, ...)
-
-    def _options(self) -> dict[str, Any]:
-        return {"rho": self.rho, "interval": self.interval, "adaptive": self.adaptive, "eps": self.eps}
-
-
-class ZSharpHooks(SAMHooks):
+class ZSharpHooks(_WrappingHooks):
     """Wraps the trainer's optimizer in :class:`zsharp_algos.ZSharp` (see
     :class:`zsharp_algos.lightning.ZSharpCallback`)."""
 
     optimizer_cls = ZSharp
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        percentile: float = 70.0,
-        scope: str = "global",
-        interval: int = 1,
-        adaptive: bool = False,
-        eps: float = 1e-12,
-        *,
-        sync_first_pass: bool = False,
-        log_stats: bool = True,
-    ):
-        self.percentile, self.scope = percentile, scope
-        super().__init__(rho, interval, adaptive, eps, sync_first_pass=sync_first_pass, log_stats=log_stats)
-
-    def _options(self) -> dict[str, Any]:
-        return {
-            "rho": self.rho,
-            "percentile": self.percentile,
-            "scope": self.scope,
-            "interval": self.interval,
-            "adaptive": self.adaptive,
-            "eps": self.eps,
-        }
