@@ -11,6 +11,7 @@ normalisation layers (see :func:`zsharp_algos.no_perturbation_groups`).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -27,6 +28,7 @@ __all__ = [
     "fill_group",
     "add_cli_options",
     "cli_values",
+    "TakesOptions",
 ]
 
 
@@ -173,3 +175,32 @@ def cli_values(args: Any, allowed: Iterable[Option]) -> dict[str, Any]:
     """The values of ``allowed`` options on a parsed ``argparse`` namespace (checked)."""
     allowed = tuple(allowed)
     return check_options({o.name: getattr(args, o.name) for o in allowed if hasattr(args, o.name)}, allowed, "flags")
+
+
+class TakesOptions:
+    """Mixin for framework objects configured with an optimizer's options (Composer algorithms,
+    Lightning callbacks): :meth:`_take_options` checks them against ``optimizer_cls.options``
+    and fills the defaults, ``obj.rho`` reads them, and the class signature (``help()``, IDEs)
+    lists them, followed by the class's own ``extra_parameters``."""
+
+    optimizer_cls: Any = None
+    extra_parameters: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.optimizer_cls is not None:
+            keyword = inspect.Parameter.KEYWORD_ONLY
+            params = [inspect.Parameter(o.name, keyword, default=o.default) for o in cls.optimizer_cls.options]
+            params += [inspect.Parameter(k, keyword, default=v) for k, v in cls.extra_parameters.items()]
+            cls.__signature__ = inspect.Signature(params)
+
+    def _take_options(self, options: Mapping[str, Any]) -> None:
+        allowed = self.optimizer_cls.options
+        given = check_options(options, allowed, type(self).__name__)
+        self.options = {**{o.name: o.default for o in allowed}, **given}
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

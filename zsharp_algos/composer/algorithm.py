@@ -16,7 +16,6 @@ reference notes):
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -26,7 +25,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
 from ..optimizer import SharpnessAwareOptimizer
-from ..options import check_options
+from ..options import TakesOptions
 from .optimizer import ComposerSAM, ComposerZSharp, TrainerClosureMixin
 
 __all__ = ["SharpnessAwareAlgorithm", "SAMAlgorithm", "ZSharpAlgorithm"]
@@ -37,7 +36,7 @@ SUPPORTED = (
 )
 
 
-class SharpnessAwareAlgorithm(Algorithm):
+class SharpnessAwareAlgorithm(TakesOptions, Algorithm):
     """Shared machinery of :class:`SAMAlgorithm` and :class:`ZSharpAlgorithm` (see those).
 
     Subclasses set :attr:`optimizer_cls` (the optimizer installed); the options it takes, their
@@ -47,18 +46,7 @@ class SharpnessAwareAlgorithm(Algorithm):
     optimizer_cls: type[TrainerClosureMixin] = ComposerSAM
     _events = (Event.INIT, Event.BATCH_END)
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # help() and IDEs show the options of the installed optimizer, from the one table
-        options = [
-            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
-            for o in cls.optimizer_cls.options
-        ]
-        extra = [
-            inspect.Parameter("sync_first_pass", inspect.Parameter.KEYWORD_ONLY, default=False),
-            inspect.Parameter("log_interval", inspect.Parameter.KEYWORD_ONLY, default=100),
-        ]
-        cls.__signature__ = inspect.Signature(options + extra)
+    extra_parameters = {"sync_first_pass": False, "log_interval": 100}
 
     def __init__(self, *, sync_first_pass: bool = False, log_interval: int = 100, **options: Any):
         if not isinstance(sync_first_pass, bool):
@@ -66,15 +54,8 @@ class SharpnessAwareAlgorithm(Algorithm):
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 0:
             raise ValueError(f"log_interval must be an integer >= 0 (0: no metrics), got {log_interval!r}")
         # Checked now, so a bad value fails here rather than at Trainer construction.
-        given = check_options(options, self.optimizer_cls.options, type(self).__name__)
-        self.options = {**{o.name: o.default for o in self.optimizer_cls.options}, **given}
+        self._take_options(options)
         self.sync_first_pass, self.log_interval = sync_first_pass, log_interval
-
-    def __getattr__(self, name: str) -> Any:  # algorithm.rho etc.
-        options = self.__dict__.get("options", {})
-        if name in options:
-            return options[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ hyper-parameters
     def hparams(self) -> dict[str, Any]:

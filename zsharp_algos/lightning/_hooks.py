@@ -5,11 +5,10 @@
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..optimizer import SAM, SharpnessAwareOptimizer, ZSharp
-from ..options import check_options
+from ..options import TakesOptions
 from .driver import GlobalStep, SharpnessAwareDriver, check_supported
 
 __all__ = ["SharpnessAwareHooks", "SAMHooks", "ZSharpHooks"]
@@ -95,32 +94,15 @@ class SharpnessAwareHooks:
             self._driver = None
 
 
-class _WrappingHooks(SharpnessAwareHooks):
+class _WrappingHooks(TakesOptions, SharpnessAwareHooks):
     """Builds :attr:`optimizer_cls` around the trainer's optimizer with the given options (the
     option table of :mod:`zsharp_algos.options` gives their names, defaults and checks)."""
 
+    extra_parameters = {"sync_first_pass": False, "log_stats": True}
+
     def __init__(self, *, sync_first_pass: bool = False, log_stats: bool = True, **options: Any):
         super().__init__(sync_first_pass=sync_first_pass, log_stats=log_stats)
-        # checked now, so a bad value fails where the callback is built rather than when fit starts
-        given = check_options(options, self.optimizer_cls.options, type(self).__name__)
-        self.options = {**{o.name: o.default for o in self.optimizer_cls.options}, **given}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.optimizer_cls is not None:  # help() and IDEs show the options, from the one table
-            keyword = inspect.Parameter.KEYWORD_ONLY
-            params = [inspect.Parameter(o.name, keyword, default=o.default) for o in cls.optimizer_cls.options]
-            params += [
-                inspect.Parameter("sync_first_pass", keyword, default=False),
-                inspect.Parameter("log_stats", keyword, default=True),
-            ]
-            cls.__signature__ = inspect.Signature(params)
-
-    def __getattr__(self, name: str) -> Any:  # callback.rho etc.
-        options = self.__dict__.get("options", {})
-        if name in options:
-            return options[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._take_options(options)  # now, so a bad value fails where the callback is built
 
     def _options(self) -> dict[str, Any]:
         return dict(self.options)
