@@ -18,10 +18,15 @@ def zscore(g):
     return (g - g.mean()) / (g.std() + 1e-8)
 
 
+def stat(g):
+    """The precision statistics are taken in: float64 gradients keep theirs, others float32."""
+    return g if g.dtype == torch.float64 else g.float()
+
+
 def zsharp_global_masks(grads, percentile=70.0):
-    """Seed README (reference A): one percentile of |z| over all tensors, keep |z| >= it, a
+    """The bangyen/zsharp reproduction (reference A): one percentile of |z| over all tensors, keep |z| >= it, a
     tensor keeping nothing keeps its top max(1, floor(0.2 n)) entries by |z|."""
-    zs = [zscore(g.float()) for g in grads]
+    zs = [zscore(stat(g)) for g in grads]
     threshold = torch.quantile(torch.cat([z.abs().flatten() for z in zs]), percentile / 100.0)
     masks = []
     for z in zs:
@@ -48,7 +53,7 @@ def zsharp_tensor_perturbation(grads, rho, percentile=95.0):
     out = []
     for g in grads:
         if g.dim() > 1:
-            z = zscore(g.float()).abs()
+            z = zscore(stat(g)).abs()
             filtered = g * (z > torch.quantile(z.flatten(), percentile / 100.0))
             fnorm = filtered.norm(p=2)
             if fnorm > 0:

@@ -8,6 +8,7 @@ import torch
 
 from zsharp_algos import SAM, ZSharp
 from zsharp_algos.directions import GradientDirection, ZScoreDirection, linear_rank
+from zsharp_algos import order_stats
 from zsharp_algos.order_stats import GLOBAL, select
 
 from reference import zscore as reference_zscore
@@ -131,17 +132,30 @@ def test_zsharp_tensor_total_norm_grows_with_filtered_tensors():
     torch.testing.assert_close(norm, torch.tensor(0.1 * 2.0))  # rho * sqrt(4 tensors)
 
 
-def test_chunked_path_matches_reference(monkeypatch):
-    """Tensors larger than one chunk go through the streaming path: same result."""
-    import zsharp_algos.order_stats as os_mod
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_windowed_path_matches_reference(monkeypatch, strategy, scope):
+    """No work buffer lent (non-float32 weights): the layout is walked in small windows, refilled
+    from the gradients; the same perturbation as with the buffer, bit for bit."""
+    from zsharp_algos import segments
 
-    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device, total: 7)
-    grads = random_grads(3, SHAPES)
-    for scope, ref in [("global", zsharp_global_perturbation(grads, 0.05, 70)), ("tensor", zsharp_tensor_perturbation(grads, 0.05, 70))]:
-        e, _, _ = perturbation_of(ZSharp, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, percentile=70, scope=scope)
-        for got, want in zip(e, ref):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
-    weights = random_grads(4, SHAPES)
+    monkeypatch.setattr(segments, "WINDOW_SHARE", 1e-3)  # windows of one row: many of them
+    shapes = SHAPES + [(40, 70), (3000,)]
+    grads = random_grads(3, shapes)
+    results = []
+    for stored in (True, False):
+        gs = [g.clone() for g in grads]
+        storage = torch.empty(sum(g.numel() for g in gs)) if stored else None
+        norms = ZScoreDirection(70, scope)([torch.zeros(s) for s in shapes], gs, adaptive=[False] * len(gs), storage=storage)
+        results.append(gs + [norms])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref_fn = zsharp_global_perturbation if scope == "global" else zsharp_tensor_perturbation
+    for d, n, want in zip(results[1][:-1], results[1][-1], ref_fn(grads, 0.05, 70)):
+        torch.testing.assert_close(0.05 * d / (n + 1e-12), want, rtol=1e-5, atol=1e-8)
+
+
+def test_asam_streamed_norm_matches_reference():
+    grads, weights = random_grads(3, SHAPES), random_grads(4, SHAPES)
     e, _, _ = perturbation_of(SAM, weights, grads, rho=0.05, adaptive=True)
     for got, want in zip(e, sam_perturbation(weights, grads, 0.05, adaptive=True)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -149,37 +163,33 @@ def test_chunked_path_matches_reference(monkeypatch):
 
 # ------------------------------------------------------------------ order statistics
 @pytest.fixture(params=["cpu", "accelerator"])
-def strategy(request, monkeypatch):
-    """Run with the CPU selection strategy (host reads, compaction) or, on the CPU too, with the
-    fixed-shape one accelerators use."""
-    import zsharp_algos.order_stats as os_mod
-
-    if request.param == "accelerator":
-        monkeypatch.setattr(os_mod, "reads_host", lambda device: False)
-    return request.param
+def strategy(request):
+    """Run with the CPU selection strategy (host reads, sampled bracket) or, on the CPU too, with
+    the fixed-shape one accelerators use (order_stats.strategy, the documented switch)."""
+    with order_stats.strategy(request.param):
+        yield request.param
 
 
-def test_select_matches_sort_with_ties_zeros_and_chunks(monkeypatch, strategy):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stored", [True, False])
+def test_select_matches_sort_with_ties_zeros_and_extremes(strategy, dtype, stored):
     gen = torch.Generator().manual_seed(0)
     segs = [torch.rand(1000, generator=gen), torch.zeros(3), torch.randint(0, 4, (517,), generator=gen).float(),
-            torch.tensor([1e-30, 3e38, 0.5]), torch.rand(300, generator=gen) * 1e-3]
+            torch.tensor([1e-30, 3e38, 0.5]), torch.rand(300, generator=gen) * 1e-3, torch.rand(20_000, generator=gen),
+            torch.tensor([float("inf"), 0.0, 1e-45])]
+    segs = [x.to(dtype) for x in segs]
     everything = torch.cat(segs).sort().values
     queries = [(GLOBAL, 0), (GLOBAL, 1822), (GLOBAL, 700), (0, 999), (1, 1), (2, 300), (3, 0), (3, 2), (0, 0),
-               (4, 150), (GLOBAL, 701), (4, 151)]
-    chunk = 64
-
-    def chunks(s):  # chunked, as the real source yields them
-        return (segs[s][i : i + chunk] for i in range(0, len(segs[s]), chunk))
-
-    got = select([len(s) for s in segs], chunks, queries, torch.device("cpu"))
+               (4, 150), (GLOBAL, 701), (4, 151), (5, 13_999), (6, 2), (6, 0), (GLOBAL, everything.numel() - 1)]
+    got = select(segs, queries, storage=stored)
     want = torch.stack([everything[r] if s == GLOBAL else segs[s].sort().values[r] for s, r in queries])
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("heavy", ["tied", "distinct"])
 def test_select_in_a_bin_holding_most_values(heavy, strategy):
-    """A bin with most of the values: one value repeated (exactly-zero gradients) takes the CPU
-    strategy's shortcut, distinct values (all with the same top 16 bits) its compaction."""
+    """A bin with most of the values: one value repeated (exactly-zero gradients) or distinct
+    values sharing their top 16 bits."""
     gen = torch.Generator().manual_seed(1)
     if heavy == "tied":
         bulk = torch.full((150_000,), 0.75)
@@ -189,7 +199,7 @@ def test_select_in_a_bin_holding_most_values(heavy, strategy):
     seg = seg[torch.randperm(seg.numel(), generator=gen)]
     ranks = [0, 30_000, 100_000, 179_999, 180_000, 199_999]
     queries = [(0, r) for r in ranks] + [(GLOBAL, r) for r in ranks]
-    got = select([seg.numel()], lambda s: iter([seg]), queries, torch.device("cpu"))
+    got = select([seg], queries)
     want = seg.sort().values[ranks * 2]
     assert torch.equal(got, want)
 
@@ -203,16 +213,14 @@ def test_select_in_a_bin_holding_most_values(heavy, strategy):
         ("sorted", True),
         ("duplicates", True),  # values repeat dozens of times: the neighbour rank may share a value
         ("against_the_stride", False),  # the strided sample sees only outliers: bracket misses
-        ("too_many_inside", False),  # more values inside the bracket than it may sort
+        ("too_many_inside", False),  # more values inside the bracket than it may gather
     ],
 )
 def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
-    """Global queries over stored values: the sampled bracket gives exactly the sorted values,
-    and where it cannot (bracket missed, too many values in it) the radix select does."""
-    import zsharp_algos.order_stats as os_mod
-
-    monkeypatch.setattr(os_mod, "BRACKET_SAMPLE", 1 << 14)
-    monkeypatch.setattr(os_mod, "_crowded", lambda values: True)
+    """The CPU strategy's sampled bracket gives exactly the sorted values, or None where it
+    cannot (bracket missed, too many values in it); select() then answers by the radix."""
+    monkeypatch.setattr(order_stats, "BRACKET_SAMPLE", 1 << 14)  # a 12-stride sample of 200K values
+    monkeypatch.setattr(order_stats, "BRACKET_MAX_SHARE", 1 / 16)  # room for its wider bracket
     gen = torch.Generator().manual_seed(2)
     n = 200_000
     values = torch.randn(n, generator=gen).abs()
@@ -227,59 +235,47 @@ def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
     elif data == "against_the_stride":
         values[:: n // (1 << 14)] = 1e6
     elif data == "too_many_inside":
-        monkeypatch.setattr(os_mod, "BRACKET_MAX_SHARE", 1e-3)
+        monkeypatch.setattr(order_stats, "BRACKET_MAX_SHARE", 1e-3)
     values = values[torch.randperm(n, generator=gen)] if data not in ("sorted", "against_the_stride") else values
-    calls = []
-    bracket = os_mod._select_by_bracket
-    monkeypatch.setattr(os_mod, "_select_by_bracket", lambda v, r: calls.append(bracket(v, r)) or calls[-1])
     ranks = [int(0.7 * (n - 1)), int(0.7 * (n - 1)) + 1]  # torch.quantile's two neighbours
+    ordered = values.sort().values
     if data == "duplicates":  # the neighbour is the next distinct value
-        ordered = values.sort().values
         boundaries = (ordered[1:] != ordered[:-1]).nonzero()[:, 0]
         ranks = [int(boundaries[boundaries >= ranks[0]][0])] * 2
         ranks[1] += 1
         assert ordered[ranks[0]] < ordered[ranks[1]]
-    queries = [(GLOBAL, r) for r in ranks] + [(0, 5), (0, n // 3)]
-    got = select([n], lambda s: iter([values]), queries, torch.device("cpu"), joined=values)
-    want = values.sort().values
-    assert torch.equal(got, torch.stack([want[r] for r in ranks + [5, n // 3]]))
-    assert len(calls) == 1 and (calls[0] is not None) == bracketed
-
-
-def test_bracket_is_tried_only_where_a_bin_is_crowded():
-    from zsharp_algos.order_stats import _crowded
-
-    gen = torch.Generator().manual_seed(3)
-    spread = torch.randn(300_000, generator=gen).abs()
-    crowded = spread.clone()
-    crowded[::7] = 1.5 + torch.rand(crowded[::7].numel(), generator=gen) * 2.0**-10  # 14% share one bin
-    assert not _crowded(spread) and _crowded(crowded)
+    pieces = [values[: n // 3], values[n // 3 :]]  # a head and a tail, as a tensor's pieces
+    got = order_stats.bracket_select(pieces, ranks)
+    assert (got is not None) == bracketed
+    if got is not None:
+        assert torch.equal(got, ordered[ranks])
+    with order_stats.strategy("cpu"):
+        assert torch.equal(select([values], [(0, r) for r in ranks]), ordered[ranks])
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_both_selection_strategies_and_storage_modes_agree_bitwise(seed, scope, monkeypatch):
-    """CPU strategy vs accelerator strategy, |z| stored in the save buffer vs recomputed per
-    chunk: the same perturbation to the last bit (fallback cases included)."""
-    import zsharp_algos.order_stats as os_mod
+    """CPU strategy vs accelerator strategy, |z| stored in the work buffer vs windows refilled
+    from the gradients: the same directions and norms to the last bit (fallback cases included)."""
+    from zsharp_algos import segments
 
-    monkeypatch.setattr(os_mod, "chunk_size_for", lambda device, total: 16)
-    shapes = SHAPES + [(40, 30)]
+    monkeypatch.setattr(segments, "WINDOW_SHARE", 0.05)
+    shapes = SHAPES + [(40, 30), (70, 33)]
     grads = random_grads(seed, shapes)
     if seed % 2:
         grads[4] = torch.tensor([1.0, 1.0, 2.0, 2.0])  # keeps nothing under the global threshold
         grads[0] = torch.full((8, 5), 3.0)  # filtered gradient all zero (tensor scope)
         grads[0][0, 0] = 0.0
     results = []
-    for reads_host in (True, False):
+    for name in ("cpu", "accelerator"):
         for stored in (True, False):
-            monkeypatch.setattr(os_mod, "reads_host", lambda device, r=reads_host: r)
-            direction = ZScoreDirection(70, scope)
             gs = [g.clone() for g in grads]
             storage = torch.full((sum(g.numel() for g in gs) + 3,), float("nan")) if stored else None
-            norms = direction([torch.zeros(s) for s in shapes], gs, adaptive=[False] * len(gs), storage=storage)
+            with order_stats.strategy(name):
+                norms = ZScoreDirection(70, scope)([torch.zeros(s) for s in shapes], gs, adaptive=[False] * len(gs), storage=storage)
             assert norms.shape == (len(gs),) and norms.dtype == torch.float32
-            results.append([g * (0.05 / (n + 1e-12)) for g, n in zip(gs, norms.unbind())])
+            results.append(gs + [norms])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -293,21 +289,24 @@ def test_linear_rank_matches_torch_quantile(q):
         lo, hi, w = linear_rank(q, n)
         s = x.sort().values
         assert torch.equal(torch.lerp(s[lo], s[hi], w) if w else s[lo], torch.quantile(x, q)), (n, q)
+        x64, s64 = x.double(), s.double()
+        lo, hi, w = linear_rank(q, n, torch.float64)
+        assert torch.equal(torch.lerp(s64[lo], s64[hi], w) if w else s64[lo], torch.quantile(x64, q)), (n, q)
 
 
-def test_threshold_beyond_torch_quantile_limit():
+def test_threshold_beyond_torch_quantile_limit(strategy):
     """22M entries in one tensor: torch.quantile refuses (> 2^24); we compute the exact order
-    statistic, checked against kthvalue."""
+    statistic of our |z|, checked against kthvalue."""
+    from zsharp_algos.directions import _workspace
+
     n = 22_000_000
     g = torch.randn(n, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError):
         torch.quantile(g.abs(), 0.7)
-    from zsharp_algos.directions import _ZScores
-
-    z = _ZScores([g], storage=torch.empty(n))
+    ws = _workspace([g], torch.empty(n))
+    absz = ws.z_buffer().clone()
     lo, hi, w = linear_rank(0.7, n)
-    got = select([n], z.values, [(GLOBAL, lo), (GLOBAL, hi)], torch.device("cpu"))
-    absz = ((g - g.mean()) / (g.std() + 1e-8)).abs()
+    got = select([absz], [(GLOBAL, lo), (GLOBAL, hi)])
     assert got[0] == torch.kthvalue(absz, lo + 1).values and got[1] == torch.kthvalue(absz, hi + 1).values
 
 
@@ -338,28 +337,31 @@ def test_one_element_tensors():
     torch.testing.assert_close(torch.cat(e), torch.tensor([0.6, 0.8]))
 
 
-def test_accelerator_path_does_not_sync_with_host(monkeypatch):
+@pytest.mark.parametrize("stored", [True, False])
+def test_accelerator_path_does_not_sync_with_host(monkeypatch, stored):
     """No .item(), bool(tensor), float(tensor)... anywhere on the step path that accelerators
-    take (run here on CPU tensors; the CPU strategy may read small results on the host)."""
-    import zsharp_algos.order_stats as os_mod
+    take (run here on CPU tensors with order_stats.strategy("accelerator"); the CPU strategy may
+    read small results on the host). Without the work buffer (bfloat16 weights) too."""
+    dtype = torch.float32 if stored else torch.bfloat16
+    grads = [g.to(dtype) for g in random_grads(0, SHAPES)]
+    with order_stats.strategy("accelerator"):
+        opts = [perturbation_of(c, [torch.zeros(s, dtype=dtype) for s in SHAPES], grads, rho=0.05, **kw)[1]
+                for c, kw in [(SAM, {}), (SAM, {"adaptive": True}), (ZSharp, {}),
+                              (ZSharp, {"scope": "tensor", "adaptive": True}), (ZSharp, {"scope": "tensor"})]]
 
-    monkeypatch.setattr(os_mod, "reads_host", lambda device: False)
-    grads = random_grads(0, SHAPES)
-    opts = [perturbation_of(c, [torch.zeros(s) for s in SHAPES], grads, rho=0.05, **kw)[1]
-            for c, kw in [(SAM, {}), (SAM, {"adaptive": True}), (ZSharp, {}), (ZSharp, {"scope": "tensor", "adaptive": True})]]
+        def forbidden(*args, **kwargs):
+            raise AssertionError("host sync on the optimizer step path")
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host sync on the optimizer step path")
-
-    for opt in opts:
-        opt.restore()
-        for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads):
-            p.grad = g.clone()
-    for name in ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"]:
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for opt in opts:
-        opt.first_step()
-        opt.second_step()
+        for opt in opts:
+            opt.restore()
+            for p, g in zip([p for grp in opt.param_groups for p in grp["params"]], grads):
+                p.grad = g.clone()
+        with monkeypatch.context() as m:
+            for name in ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"]:
+                m.setattr(torch.Tensor, name, forbidden)
+            for opt in opts:
+                opt.first_step()
+                opt.second_step()
 
 
 # ------------------------------------------------------------------ CUDA (when a GPU is present)

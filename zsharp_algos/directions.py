@@ -45,19 +45,33 @@ and std in float64 for float64 gradients; thresholds are exact order statistics
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import order_stats
 from ._tensors import chunk_ranges, flat_view, group_by_device_dtype, total_norm
+from .order_stats import (
+    BINS_PER_ENTRY,
+    Radix,
+    bracket_select,
+    continue_segments,
+    descend_global,
+    device_ints,
+    digit_plan,
+    digit_width,
+    key_bits,
+    reads_host,
+    successors,
+)
+from .segments import ZSCORE_EPS, Workspace, layout_for, value_dtype
 
-__all__ = ["Direction", "GradientDirection", "ZScoreDirection", "DIRECTIONS", "register_direction"]
+__all__ = ["Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
 
-ZSCORE_EPS = 1e-8  # added to std, as in both reference implementations
 FALLBACK_FRACTION = 0.2  # global scope: a tensor that keeps nothing keeps its top 20% by |z|
 
 
@@ -81,20 +95,6 @@ class Direction:
         ``storage``: an optional flat float32 buffer with at least as many elements as
         ``grads``, free to overwrite during the call (a direction may keep work there)."""
         raise NotImplementedError
-
-
-DIRECTIONS: dict[str, Callable[..., Direction]] = {}
-
-
-def register_direction(name: str):
-    """Class decorator adding a direction to :data:`DIRECTIONS` (the optimizer factory's registry)."""
-
-    def deco(cls):
-        cls.name = name
-        DIRECTIONS[name] = cls
-        return cls
-
-    return deco
 
 
 # --------------------------------------------------------------------------- norms
@@ -128,11 +128,17 @@ def weighted_norms(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: 
         for i, n in zip(idx, torch._foreach_norm(gs, 2, dtype=stat_dtype(gs[0].dtype))):
             norms[plain[i]] = n
     if len(plain) < len(grads):
-        chunk = order_stats.chunk_size_for(grads[0].device, sum(g.numel() for g in grads))
+        chunk = _norm_chunk(sum(g.numel() for g in grads))
         for i, a in enumerate(flags):
             if a:
                 norms[i] = _chunked_norm(flat_view(grads[i]), flat_view(params[i].detach()), chunk)
     return norms
+
+
+def _norm_chunk(total: int) -> int:
+    """Elements per call of the streamed ASAM norm: a 32nd of the total, at least 2^16, so
+    its temporaries (a product and its float copy) stay a small fraction of the parameters."""
+    return max(1 << 16, -(-total // 32))
 
 
 def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
@@ -153,117 +159,35 @@ def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
 def _global_norms(params, grads, adaptive) -> Tensor:
     """The global norm of ``T g`` over all tensors, one entry per tensor."""
     norm = total_norm(weighted_norms(params, grads, adaptive), norm_dtype(grads))
-    return norm.repeat(len(grads))
+    return norm.expand(len(grads))  # one norm for all: a stride-0 view, read-only
 
 
 # --------------------------------------------------------------------------- SAM
-@register_direction("sam")
 class GradientDirection(Direction):
     """SAM: ascend along the gradient itself, scaled by its global norm."""
+
+    name = "sam"
 
     def __call__(self, params, grads, *, adaptive, storage=None):
         return _global_norms(params, grads, adaptive)
 
 
 # --------------------------------------------------------------------------- ZSharp
-def _moments(flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """float32 ``mean``, ``std``, ``min`` and ``max`` of a flat tensor (one float32 copy at a time
-    for other dtypes, freed on return)."""
-    # float64 gradients: float32 statistics for now (their float64 path is the segmented filter's)
-    x = flat if flat.dtype == torch.float32 else flat.float()
-    return (x.mean(), x.std(), *torch.aminmax(x))
+def linear_rank(q: float, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, float]:
+    """Indices and weight of ``torch.quantile(x, q)`` (linear interpolation) for ``n`` values of
+    ``dtype``.
 
-
-class _ZScores:
-    """Per-tensor z-score statistics of the gradients, and their |z| streamed in chunks.
-
-    ``|z| = |(g - mean) / (std + 1e-8)|`` in float32, with the same operations as the
-    reference (so thresholds and masks match it bit for bit). With ``storage`` (a flat float32
-    buffer of at least as many elements as the gradients: the optimizer lends its persistent
-    flat buffer, free during the direction's call) |z| is computed once and read back as views.
-    Without it (non-float32 weights), each read recomputes |z| chunk by chunk into a small
-    scratch, so no model-sized temporary is ever made.
+    ``torch.quantile`` computes the rank ``q * (n - 1)`` in the input's dtype; we do the same (so
+    results match it bit for bit): for float32 while that is exact for the integer ``n - 1``
+    (below 2^24, which is also where ``torch.quantile`` stops), and in float64 beyond.
     """
-
-    def __init__(self, grads: Sequence[Tensor], storage: Tensor | None = None):
-        self.flats = [flat_view(g) for g in grads]
-        self.sizes = [f.numel() for f in self.flats]
-        self.device = self.flats[0].device
-        total = sum(self.sizes)
-        self.chunk = order_stats.chunk_size_for(self.device, total)
-        self.scan = order_stats.scan_step(self.device, total)  # piece length when selection reads stored |z|
-        # Per-tensor mean, std and extremes with the reference's reductions (bit for bit); the
-        # scalar arithmetic on them runs once over the stacked values, not once per tensor.
-        # A tensor of fewer than 2 entries (std undefined) has z = 0: it stands in as zeros.
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        valid = [n >= 2 for n in self.sizes]
-        stats = [_moments(f) if ok else (zero,) * 4 for f, ok in zip(self.flats, valid)]
-        mean, std, lo, hi = (torch.stack(column) for column in zip(*stats))
-        denom = std.add_(ZSCORE_EPS)
-        # |z| is monotone in g on either side of the mean and every op is correctly rounded,
-        # so the largest |z| is reached at min(g) or max(g): exact, without a pass over |z|.
-        self.max_abs = torch.maximum(((hi - mean) / denom).abs(), ((lo - mean) / denom).abs())
-        self.mean = [m if ok else None for (m, *_), ok in zip(stats, valid)]
-        self.denom = [d if ok else None for d, ok in zip(denom.unbind(), valid)]
-        self.offsets = [0]
-        for n in self.sizes[:-1]:
-            self.offsets.append(self.offsets[-1] + n)
-        self.joined = storage[:total] if storage is not None else None  # |z|, tensor after tensor
-        if self.joined is not None:
-            for seg, n in enumerate(self.sizes):
-                self._compute(seg, 0, n, self._stored(seg, 0, n))
-        else:
-            self._scratch = torch.empty(min(self.chunk, max(self.sizes)), dtype=torch.float32, device=self.device)
-
-    def _stored(self, seg: int, start: int, n: int) -> Tensor:
-        return self.joined[self.offsets[seg] + start : self.offsets[seg] + start + n]
-
-    def _compute(self, seg: int, start: int, n: int, out: Tensor) -> None:
-        if self.mean[seg] is None:
-            out.zero_()
-            return
-        g = self.flats[seg][start : start + n]
-        if g.dtype == torch.float32:
-            torch.sub(g, self.mean[seg], out=out)
-        else:
-            out.copy_(g).sub_(self.mean[seg])
-        out.div_(self.denom[seg]).abs_()
-
-    def chunks(self, seg: int, max_len: int | None = None) -> Iterator[tuple[int, Tensor]]:
-        """``(start, |z|[start:start+n])`` for the chunks of tensor ``seg``: stored |z| comes as
-        views of at most ``max_len`` elements (default: the whole tensor, fewest kernel calls),
-        recomputed |z| in scratch-sized chunks. A consumer may overwrite a chunk once done with
-        it only if nothing reads |z| of that tensor again."""
-        if self.joined is not None:
-            for start, n in chunk_ranges(self.sizes[seg], max_len or self.sizes[seg]):
-                yield start, self._stored(seg, start, n)
-            return
-        for start, n in chunk_ranges(self.sizes[seg], self.chunk):
-            self._compute(seg, start, n, self._scratch[:n])
-            yield start, self._scratch[:n]
-
-    def values(self, seg: int) -> Iterator[Tensor]:
-        """The chunks of tensor ``seg`` without their offsets (:data:`order_stats.ChunksFn`), in
-        pieces of at most :func:`order_stats.scan_step` so selection's temporaries stay bounded
-        on a single huge tensor too."""
-        return (v for _, v in self.chunks(seg, max_len=self.scan))
-
-    def select(self, queries: Sequence[tuple[int, int]]) -> Tensor:
-        """Exact order statistics of |z| (see :func:`order_stats.select`)."""
-        return order_stats.select(self.sizes, self.values, queries, self.device, self.joined)
-
-
-def linear_rank(q: float, n: int) -> tuple[int, int, float]:
-    """Indices and weight of ``torch.quantile(x, q)`` (linear interpolation) for ``n`` values.
-
-    ``torch.quantile`` computes the rank ``q * (n - 1)`` in float32; we do the same (so results
-    match it bit for bit) while that is exact for the integer ``n - 1`` (below 2^24, which is
-    also where ``torch.quantile`` stops), and in float64 beyond.
-    """
-    q32 = _to_float32(q)
-    # The float64 product of two float32 values is exact, so rounding it to float32 gives
-    # float32 multiplication's result; n - 1 is exact in float32 below 2^24.
-    pos = _to_float32(q32 * (n - 1)) if n - 1 < 2**24 else q32 * (n - 1)
+    if dtype == torch.float64:
+        pos = q * (n - 1)
+    else:
+        q32 = _to_float32(q)
+        # The float64 product of two float32 values is exact, so rounding it to float32 gives
+        # float32 multiplication's result; n - 1 is exact in float32 below 2^24.
+        pos = _to_float32(q32 * (n - 1)) if n - 1 < 2**24 else q32 * (n - 1)
     lo = math.floor(pos)
     return lo, min(math.ceil(pos), n - 1), pos - lo
 
@@ -272,14 +196,19 @@ def _to_float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _interpolate(lo_val: Tensor, hi_val: Tensor, weight: float) -> Tensor:
-    # torch.quantile's linear interpolation is lerp(below, above, weight) in float32
-    return lo_val if weight == 0.0 else torch.lerp(lo_val, hi_val, weight)
+def _interpolate(lo_val: Tensor, hi_val: Tensor, weight) -> Tensor:
+    # torch.quantile's linear interpolation is lerp(below, above, weight) in the values' dtype
+    return lo_val if isinstance(weight, float) and weight == 0.0 else torch.lerp(lo_val, hi_val, weight)
 
 
-@register_direction("zsharp")
+def _from_bits(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    return bits.view(dtype)  # bit patterns are kept in the key dtype
+
+
 class ZScoreDirection(Direction):
     """ZSharp: keep the gradient entries with significant layer-wise z-scores (see module doc)."""
+
+    name = "zsharp"
 
     SCOPES = ("global", "tensor")
     uses_storage = True  # |z| is kept there
@@ -298,81 +227,211 @@ class ZScoreDirection(Direction):
             raise ValueError(
                 f"ZSharp computes z-score thresholds over tensors on one device, got {sorted(map(str, devices))}"
             )
-        z = _ZScores(grads, storage)
+        flags = _flags(adaptive, len(grads))
         if self.scope == "global":
-            return self._global(params, grads, z, adaptive)
-        return self._per_tensor(params, grads, z, adaptive)
+            return self._global(params, grads, flags, storage)
+        return self._per_tensor(params, grads, flags, storage)
 
-    # -- scope="global": seed README behaviour
-    def _global(self, params, grads, z, adaptive):
-        lo, hi, weight = linear_rank(self.percentile / 100.0, sum(z.sizes))
-        queries = [(order_stats.GLOBAL, lo), (order_stats.GLOBAL, hi)]
+    # -- scope="global": the bangyen/zsharp reproduction's behaviour
+    def _global(self, params, grads, flags, storage):
+        live = [i for i, g in enumerate(grads) if g.numel()]
+        if live:
+            ws = _workspace([grads[i] for i in live], storage)
+            thresholds = self._global_thresholds(ws)
+            _apply_masks(ws, thresholds, torch.Tensor.ge_)
+        return _global_norms(params, grads, flags)
+
+    def _global_thresholds(self, ws: Workspace) -> Tensor:
+        """Per segment: the global percentile of |z|, or the segment's own top-20% boundary where
+        its largest |z| is under the global one (it would keep nothing)."""
+        L, dtype, device = ws.layout, ws.dtype, ws.layout.device
+        lo, hi, weight = linear_rank(self.percentile / 100.0, L.numel, dtype)
         # Rank of each tensor's top-20% boundary: its k-th largest value, k = max(1, floor(0.2 n)).
-        fallback_queries = [(s, n - max(1, int(FALLBACK_FRACTION * n))) for s, n in enumerate(z.sizes)]
-        max_abs = z.max_abs
-        if order_stats.reads_host(z.device):
-            # Where small results can be read for free, find the threshold first and then the
-            # fallback ranks of only the tensors that need one (usually none).
-            values = z.select(queries)
+        fallback_ranks = tuple(n - max(1, int(FALLBACK_FRACTION * n)) for n in L.sizes)
+        if reads_host(device) and not ws.windowed:
+            # Small results can be read for free: the threshold first, then the fallback ranks
+            # of only the tensors that need one (usually none).
+            values = bracket_select([ws.z_buffer()], [lo, hi])
+            if values is None:
+                values = order_stats.select([ws.z_buffer()], [(0, lo), (0, hi)])
             threshold = _interpolate(values[0], values[1], weight)
-            short = (~(max_abs >= threshold)).nonzero()[:, 0].tolist()
-            fallback = threshold.expand(len(z.sizes)).clone()
+            largest = ws.segment_max()
+            short = (~(largest >= threshold)).nonzero()[:, 0].tolist()
+            per_segment = threshold.expand(L.n).clone()
             if short:
-                fallback[short] = z.select([fallback_queries[s] for s in short])
-        else:  # one fixed-shape pass for every query: nothing waits for the device
-            values = z.select(queries + fallback_queries)
-            threshold = _interpolate(values[0], values[1], weight)
-            fallback = values[2:]
+                per_segment[short] = torch.stack([self._one_rank(ws, s, fallback_ranks[s]) for s in short])
+            return per_segment
+        largest = ws.segment_max()
+        threshold, fallback = self._radix_global(ws, lo, hi, weight, fallback_ranks)
         # A tensor whose largest |z| is under the global threshold would keep nothing: fallback.
-        per_tensor = torch.where(max_abs >= threshold, threshold, fallback)
-        segs = list(range(len(grads)))
-        _apply_masks(z, segs, per_tensor, Tensor.ge_)
-        return _global_norms(params, grads, adaptive)
+        return torch.where(largest >= threshold, threshold, fallback)
+
+    @staticmethod
+    def _radix_global(ws: Workspace, lo: int, hi: int, weight: float, fallback_ranks) -> tuple[Tensor, Tensor]:
+        """Fixed-shape selection: the interpolated global threshold and every fallback value."""
+        L, dtype, device = ws.layout, ws.dtype, ws.layout.device
+        _, nbits = key_bits(dtype)
+        b1 = digit_width(L.n, L.numel)
+        W = 1 << (nbits - b1)
+        radix = Radix(ws)
+        frank = device_ints(fallback_ranks, device, torch.int32)[:, None]
+        granks = device_ints((lo, hi), device, torch.int32)
+        seg_p, glob_p = radix.first_round(b1, frank, granks)
+        # One more round finishes the global ranks if two first-round bins' worth of bins fit
+        # the budget: it counts lo's bin and the next one, so hi is found there unless a whole
+        # empty bin lies between them, and then the gap (>= W ulps) puts the interpolated
+        # threshold strictly above lo wherever the weight is >= 1/W: any value in (lo, hi]
+        # selects the same entries, and lo's successor is one.
+        if dtype == torch.float32 and 2 * W + 2 <= BINS_PER_ENTRY * L.numel and (hi == lo or weight >= 1 / W):
+            pos, _ = radix.global_round(glob_p[0], granks, nbits - b1, 0, blocks=2)
+            found = torch.add(pos, glob_p[0], alpha=W)
+            lo_val = _from_bits(found[0], dtype)
+            if hi == lo:
+                threshold = lo_val
+            else:
+                inside = pos[1] < 2 * W
+                interpolated = torch.lerp(lo_val, _from_bits(found[1], dtype), weight)
+                threshold = torch.where(inside, interpolated, _from_bits(found[0] + 1, dtype))
+        else:  # narrower rounds, then hi as lo's repeat or successor
+            rank = granks[:1]
+            lo_bits, le = descend_global(radix, rank, glob_p[0], digit_plan(nbits - b1, 1, L.numel), nbits - b1)
+            lo_val = _from_bits(lo_bits, dtype)
+            if hi == lo:
+                threshold = lo_val
+            else:
+                hi_bits = torch.where(le > hi, lo_bits, successors(ws, lo_bits, per_segment=False))
+                threshold = _interpolate(lo_val, _from_bits(hi_bits, dtype), weight)
+        fallback = continue_segments(radix, seg_p[:, 0], frank, digit_plan(nbits - b1, L.n, L.numel), nbits - b1)
+        return threshold, _from_bits(fallback, dtype)
+
+    @staticmethod
+    def _one_rank(ws: Workspace, seg: int, rank: int) -> Tensor:
+        found = bracket_select(ws.segment_pieces(seg), [rank])
+        if found is not None:
+            return found[0]
+        return order_stats.select(ws.segment_pieces(seg), [(0, rank)])[0]
 
     # -- scope="tensor": the paper's official behaviour
-    def _per_tensor(self, params, grads, z, adaptive):
-        flags = _flags(adaptive, len(grads))
+    def _per_tensor(self, params, grads, flags, storage):
         norms = _global_norms(params, grads, flags)  # the raw norm: tensors not filtered
-        segs = [s for s, g in enumerate(grads) if g.dim() > 1]
+        segs = [s for s, g in enumerate(grads) if g.dim() > 1 and g.numel()]
         if not segs:
             return norms
-        queries, weights = [], []
-        for s in segs:
-            lo, hi, weight = linear_rank(self.percentile / 100.0, z.sizes[s])
-            queries += [(s, lo), (s, hi)]
-            weights.append(weight)
-        values = z.select(queries)
-        thresholds = torch.stack([_interpolate(values[2 * j], values[2 * j + 1], w) for j, w in enumerate(weights)])
-        # Is anything left after filtering? Needs the whole tensor before it is masked in place.
-        keep_all = _kept_square_norms(z, segs, thresholds) == 0  # all filtered out: raw gradient
-        _apply_masks(z, segs, thresholds, Tensor.gt_, keep_all.float())
+        ws = _workspace([grads[s] for s in segs], storage)
+        thresholds = self._tensor_thresholds(ws)
+        kept = _apply_masks(ws, thresholds, torch.Tensor.gt_, keep_if_empty=True)
         own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], [flags[s] for s in segs])
-        own = torch.stack([n.to(norms.dtype) for n in own_norms])
-        norms[order_stats._device_ints(tuple(segs), norms.device)] = torch.where(keep_all, norms[0], own)
-        return norms
+        own = torch.stack(own_norms).to(norms.dtype)
+        index = device_ints(tuple(segs), norms.device)
+        # filtered gradient all zero: the raw gradient (kept as is by _apply_masks), raw norm
+        return norms.index_put((index,), torch.where(kept == 0, norms[0], own))
+
+    def _tensor_thresholds(self, ws: Workspace) -> Tensor:
+        L, dtype, device = ws.layout, ws.dtype, ws.layout.device
+        ranks = [linear_rank(self.percentile / 100.0, n, dtype) for n in L.sizes]
+        if reads_host(device) and not ws.windowed:
+            ws.z_buffer()
+            out = []
+            for s, (lo, hi, w) in enumerate(ranks):
+                pair = bracket_select(ws.segment_pieces(s), [lo, hi])
+                if pair is None:
+                    pair = order_stats.select(ws.segment_pieces(s), [(0, lo), (0, hi)])
+                out.append(_interpolate(pair[0], pair[1], w))
+            return torch.stack(out)
+        _, nbits = key_bits(dtype)
+        plan = digit_plan(nbits, L.n, L.numel, wide_last=True)
+        W = 1 << plan[-1]
+        radix = Radix(ws)
+        lo_rank = device_ints(tuple(r[0] for r in ranks), device, torch.int32)[:, None]
+        both = device_ints(tuple(v for r in ranks for v in r[:2]), device, torch.int32).view(L.n, 2)
+        prefix = radix.first_round(plan[0], lo_rank, None)[0][:, 0]
+        prefix = continue_segments(radix, prefix, lo_rank, plan[1:-1], nbits - plan[0])
+        # The last round counts the block after lo's too: hi is there, or so far above that the
+        # interpolated threshold stays below it wherever the weight is <= 1 - 2/W, and then
+        # |z| > threshold selects the same entries as |z| > lo.
+        wide = all(hi == lo or w <= 1 - 2 / W for lo, hi, w in ranks)
+        pos, cum = radix.segment_round(prefix, both, plan[-1], 0, blocks=2 if wide else 1)
+        found = torch.add(pos, prefix[:, None], alpha=W)
+        lo_val = _from_bits(found[:, 0], dtype)
+        if all(hi == lo for lo, hi, _ in ranks):
+            return lo_val
+        weights = _weights(tuple(r[2] for r in ranks), dtype, device)
+        if wide:
+            interpolated = torch.lerp(lo_val, _from_bits(found[:, 1], dtype), weights)
+            return torch.where(pos[:, 1] < 2 * W, interpolated, lo_val)
+        le = cum.gather(1, pos[:, :1].long())[:, 0]
+        hi_bits = torch.where(le > both[:, 1], found[:, 0], successors(ws, found[:, 0], per_segment=True))
+        return torch.lerp(lo_val, _from_bits(hi_bits, dtype), weights)
 
 
-def _apply_masks(z: _ZScores, segs, thresholds: Tensor, keep, keep_all: Tensor | None = None) -> None:
-    """``g <- g * m`` in place for each tensor in ``segs``, with ``m = keep(|z|, threshold)``
-    (or all ones where ``keep_all``). The 0/1 mask is written over |z| (not read again) so the
-    multiply is a float one, several times faster than by a bool mask on CPUs."""
-    for j, s in enumerate(segs):
-        g = z.flats[s]
-        for start, absz in z.chunks(s):
-            mask = keep(absz, thresholds[j])
-            if keep_all is not None:
-                mask.clamp_(min=keep_all[j])
-            g[start : start + absz.numel()].mul_(mask)
+@functools.lru_cache(maxsize=64)
+def _weights(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _kept_square_norms(z: _ZScores, segs, thresholds: Tensor) -> Tensor:
-    """``||g * (|z| > threshold)||^2`` for each tensor in ``segs``, leaving |z| intact."""
-    out = torch.zeros(len(segs), dtype=torch.float32, device=z.device)
-    scratch = torch.empty(min(z.chunk, max(z.sizes[s] for s in segs)), dtype=torch.float32, device=z.device)
-    for j, s in enumerate(segs):
-        g = z.flats[s]
-        for start, absz in z.chunks(s, max_len=z.chunk):
-            kept = torch.gt(absz, thresholds[j], out=scratch[: absz.numel()])
-            kept.mul_(g[start : start + absz.numel()])
-            out[j] += torch.linalg.vector_norm(kept).square()
+def _workspace(grads: Sequence[Tensor], storage: Tensor | None) -> Workspace:
+    dtype = value_dtype(grads)
+    ws = Workspace(layout_for([g.numel() for g in grads], grads[0].device), grads, dtype, storage)
+    ws.statistics()
+    return ws
+
+
+def _apply_masks(ws: Workspace, thresholds: Tensor, keep, keep_if_empty: bool = False) -> Tensor | None:
+    """``g <- g * m`` in place, ``m = keep(|z|, threshold of its tensor)`` (``Tensor.ge_`` or
+    ``Tensor.gt_``), written as 0/1 floats over |z| (not read again) so the multiply is a float
+    one. ``keep_if_empty``: a tensor whose ``g * m`` is all zero keeps its raw gradient; returns
+    each tensor's ``||g * m||^2`` (compared with 0 only: its rounding depends on the windows)."""
+    L = ws.layout
+    t_entry = thresholds[ws.entry]
+    kept = None
+    passes = ("norm", "apply") if keep_if_empty and ws.windowed else ("apply",)
+    for stage in passes:
+        for blk in ws.blocks_with_z():
+            if blk.X is not None:
+                keep(blk.X, blk.row_part(t_entry))
+            if blk.T is not None:
+                keep(blk.T, blk.tail_part(t_entry, L.rows))
+            ws.fresh = False
+            masks = list(blk.flat.split([p.numel() for p in blk.pieces]))
+            if keep_if_empty:
+                if stage == "norm" or not ws.windowed:
+                    torch._foreach_mul_(masks, blk.pieces)  # g * m, to tell empty filters
+                    part = _piece_norms_squared(ws, blk, masks)
+                    kept = part if kept is None else kept + part
+                if stage == "norm":
+                    continue
+                if not ws.windowed:
+                    keep_all = (kept == 0).to(ws.dtype)
+                    blk.flat.ne_(0)  # m where g != 0 (where g == 0, d is 0 either way)
+                else:
+                    keep_all = (kept == 0).to(ws.dtype)
+                k_entry = keep_all[ws.entry]
+                if blk.X is not None:
+                    blk.X.clamp_(min=blk.row_part(k_entry))
+                if blk.T is not None:
+                    blk.T.clamp_(min=blk.tail_part(k_entry, L.rows))
+            torch._foreach_mul_(blk.pieces, masks)
+    return kept
+
+
+def _piece_norms_squared(ws: Workspace, blk, pieces: list[Tensor]) -> Tensor:
+    """Per-segment sum of squares of a block's pieces (each piece lies in one segment)."""
+    L = ws.layout
+    owners = L.const(("owners", blk.rows, blk.tails), lambda: torch.tensor(
+        _piece_owners(L, blk.rows, blk.tails), dtype=torch.int64, device=L.device))
+    sq = torch.stack(torch._foreach_norm(pieces)).to(torch.float64).square_()
+    zero = L.const("zero64n", lambda: torch.zeros((), dtype=torch.float64, device=L.device))
+    return torch.index_add(zero.expand(L.n), 0, owners, sq)
+
+
+def _piece_owners(L, rows, tails) -> list[int]:
+    out = []
+    r0, r1 = rows
+    for s in range(L.n):
+        if max(r0, L.row_start[s]) < min(r1, L.row_start[s] + L.head_rows[s]):
+            out.append(s)
+    t0, t1 = tails
+    for s in range(L.n):
+        if max(t0, L.tail_start[s]) < min(t1, L.tail_start[s] + L.tail_sizes[s]):
+            out.append(s)
     return out

@@ -1,233 +1,355 @@
-"""Exact order statistics of |z|-scores over many tensors, without a size cap.
+r"""Exact order statistics of |z|-scores over many tensors, in a fixed number of kernels.
 
-ZSharp needs the q-th percentile of |z| over a whole model (86M entries for ViT-B/16) or over
-each tensor. ``torch.quantile`` refuses more than 2^24 elements and ``torch.sort`` /
-``torch.kthvalue`` copy the input plus int64 indices (3x its bytes). Instead we run a
-most-significant-digit radix select on the IEEE-754 bit pattern: for non-negative float32 values
-the int32 view is ordered like the values, so the k-th smallest value is found digit by digit
-with histograms. Two strategies, both exact:
+ZSharp needs the ``q``-th percentile of |z| over a whole model (86M entries for ViT-B/16), over
+each tensor, or the ``k``-th largest |z| of each tensor. ``torch.quantile`` refuses more than
+2^24 elements and ``torch.sort`` / ``torch.kthvalue`` copy the input plus int64 indices; neither
+batches over tensors. Here the values live in a :class:`~zsharp_algos.segments.Workspace` (the
+flat, segmented layout of the filter) and the selection is exact, with two strategies:
 
-* **CPU** (:func:`_select_by_halves`): two rounds of 16 bits. The digits are the two int16 halves
-  of each value, read through zero-copy views, so a round is one ``bincount`` (round 1) or one
-  compare + ``masked_select`` + ``bincount`` of the few values left in the chosen bin (round 2).
-  It reads the chosen bins on the host: on the CPU that is a memory load, not a device sync.
-  ``bincount`` is single-threaded and slows several-fold when one bin is crowded, as real
-  gradients' are: queries over all the values stored back to back (ZSharp's global threshold)
-  whose sample shows a crowded bin first try :func:`_select_by_bracket` (the sample brackets the
-  ranks, one counting pass checks the bracket and gathers the few values inside it, quickselect
-  finishes), whose cost does not depend on the distribution.
-* **accelerators** (:func:`_select_by_radix`): three fixed-shape rounds (11 + 10 + 10 bits)
-  counted with ``histc`` (per-block shared memory), no data-dependent shape and no host read,
-  so nothing waits for the device.
+* **accelerator** (sync-free; the default off the CPU): a most-significant-digit *radix
+  select* on the IEEE-754 bit patterns (for non-negative floats the integer view is ordered like
+  the values). Each round rewrites the buffer's bits in place into one histogram key per entry,
+  ``slot * (2^b + 2) + 1 + digit`` where the entry's tensor (its *slot*) still shares the
+  prefix found so far, and the key of a "below" or "above" bin otherwise, and counts every key of
+  every tensor with **one** ``index_add``. The cumulative counts of each slot are absolute ranks
+  (the "below" bin holds all smaller entries), so one ``searchsorted`` finds every query's next
+  digit. No data-dependent shapes and no host reads, so nothing waits for the device; the buffer
+  is refilled with |z| (:meth:`~zsharp_algos.segments.Workspace.zscores`: four ops) between
+  rounds. A global query (all tensors together) is a slot of its own, counted in the first round
+  as the sum of the tensors' histograms. ``torch.quantile``'s upper neighbour (rank + 1) is the
+  smallest value above the lower one: :func:`successors`, a bit trick without a mask.
+* **cpu** (the default on CPU tensors; reads small results on the host, a memory load there):
+  a strided sample brackets the wanted ranks, one pass counts the values below the bracket and
+  gathers those inside it, and quickselect finishes (:func:`bracket_select`). Cost independent of
+  the distribution; where the bracket misses (values ordered against the stride, heavy ties) the
+  radix select answers.
 
-Values arrive as a stream of chunks (a callback, see :data:`ChunksFn`): views of a stored |z|
-buffer, or |z| recomputed into a small scratch, so transient memory stays O(chunk).
+Counts are int64 (exact for any size). Histogram memory is bounded by a fraction of the entries
+(:func:`digit_plan`): the digit width shrinks, and rounds are added, for small models.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import sys
 from functools import lru_cache
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["GLOBAL", "chunk_size_for", "reads_host", "scan_step", "select"]
+__all__ = [
+    "GLOBAL",
+    "STRATEGIES",
+    "strategy",
+    "reads_host",
+    "digit_plan",
+    "select",
+    "bracket_select",
+]
 
 #: Query row meaning "all segments together" rather than one segment.
 GLOBAL = -1
 
-# Accelerator strategy: (shift, bits) of each radix round over the 31 value bits.
-_ROUNDS = ((20, 11), (10, 10), (0, 10))
-# CPU strategy: positions of the high and low int16 halves of a float32 in memory.
-_HIGH = 1 if sys.byteorder == "little" else 0
-_HIGH_BINS = 1 << 15  # the sign bit of |z| is 0: the high half is in [0, 2^15)
-_LOW_BINS = 1 << 16
+STRATEGIES = ("auto", "cpu", "accelerator")
+_STRATEGY: contextvars.ContextVar[str] = contextvars.ContextVar("zsharp_filter_strategy", default="auto")
 
-ChunksFn = Callable[[int], Iterable[Tensor]]
-"""``chunks(segment)`` yields 1-D float32 tensors that together hold the segment's values in
-order (each may be a view of stored values or a scratch buffer refilled between yields)."""
+
+@contextlib.contextmanager
+def strategy(name: str):
+    """Run ZSharp's filter with the given selection strategy inside the ``with`` block.
+
+    ``"auto"`` (the default): the host-reading ``"cpu"`` strategy on CPU tensors, the sync-free
+    ``"accelerator"`` one elsewhere. ``"accelerator"`` on CPU tensors runs exactly what a GPU
+    runs (the same ops, the same results), which is how the tests check it for host syncs and
+    ``benchmarks/dispatch_count.py`` counts its kernels::
+
+        with zsharp_algos.order_stats.strategy("accelerator"):
+            opt.step(closure)
+
+    ``"cpu"`` is for CPU tensors only."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    token = _STRATEGY.set(name)
+    try:
+        yield
+    finally:
+        _STRATEGY.reset(token)
 
 
 def reads_host(device: torch.device) -> bool:
-    """Whether selection on ``device`` may read small results on the host (true on the CPU,
-    where that is a memory load; on accelerators it would stall the stream)."""
-    return device.type == "cpu"
+    """Whether selection on ``device`` may read small results on the host, under the current
+    :func:`strategy` (on accelerators a host read would stall the stream)."""
+    chosen = _STRATEGY.get()
+    if chosen == "auto":
+        return torch.device(device).type == "cpu"
+    if chosen == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError(f"the host-reading 'cpu' strategy runs on CPU tensors only, got {device}")
+    return chosen == "cpu"
 
 
-def chunk_size_for(device: torch.device, total: int) -> int:
-    """Elements streamed per kernel call when scanning ``total`` values.
-
-    Large chunks amortise per-call overhead; each chunk element costs about 20 bytes of
-    temporaries (float32 values, int32 keys/digits, masks), which we keep under ``total`` bytes
-    (a quarter of the float32 parameter bytes). Between 2^16 and 2^22 elements.
-    """
-    limit = min(total // 20, 1 << 22)
-    chunk = 1 << 16
-    while chunk * 2 <= limit:
-        chunk *= 2
-    return chunk
+# --------------------------------------------------------------------------- plan
+def key_bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """The integer view of non-negative ``dtype`` values and its number of value bits."""
+    return (torch.int64, 63) if dtype == torch.float64 else (torch.int32, 31)
 
 
-def scan_step(device: torch.device, total: int) -> int:
-    """Elements per kernel call when a round reads stored values (no scratch to refill): an
-    eighth of ``total`` or :func:`chunk_size_for`, whichever is more, so the temporaries a
-    round makes per call (masks, copies of int16 halves, float flags) stay a small fraction of
-    the parameter bytes however the values are split into tensors."""
-    return max(chunk_size_for(device, total), -(-total // 8))
+MAX_DIGIT = 16  # widest digit
+#: Histogram bins allowed, per entry of the population: int32 counts and their int32 cumulative
+#: sums are 8 bytes a bin, so 0.075 bins an entry is 0.15x the float32 entry bytes.
+BINS_PER_ENTRY = 0.075
 
 
-def select(
-    sizes: Sequence[int],
-    chunks: ChunksFn,
-    queries: Sequence[tuple[int, int]],
-    device: torch.device,
-    joined: Tensor | None = None,
-) -> Tensor:
-    """Exact order statistics of non-negative float32 values split into segments.
-
-    Args:
-        sizes: number of values in each segment.
-        chunks: the values of a segment, as a stream of chunks (see :data:`ChunksFn`).
-        queries: ``(segment, rank)`` pairs; ``segment`` is an index into ``sizes`` or
-            :data:`GLOBAL` for all segments together, ``rank`` the 0-based position in
-            ascending order (``0 <= rank < size``).
-        device: where the values live.
-        joined: optional 1-D tensor holding every segment's values back to back, in segment
-            order (when they are stored that way): queries over all segments then read it in
-            one kernel call per round instead of one per segment.
-
-    Returns:
-        float32 tensor with one value per query. NaN sorts above +inf (it is never selected
-        unless asked for a rank among the NaNs), matching the bit order.
-    """
-    for seg, rank in queries:
-        size = sum(sizes) if seg == GLOBAL else sizes[seg]
-        if not 0 <= rank < size:
-            raise ValueError(f"rank {rank} out of range for a segment of {size} values")
-    if not queries:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    if reads_host(device):
-        return _select_by_halves(len(sizes), chunks, queries, joined)
-    return _select_by_radix(len(sizes), chunks, queries, device)
+def digit_width(slots: int, entries: int) -> int:
+    """The widest digit whose ``slots`` histograms fit the bin budget (1 to :data:`MAX_DIGIT`)."""
+    per = max(4, int(BINS_PER_ENTRY * entries) // max(1, slots))
+    return max(1, min(MAX_DIGIT, int(math.log2(per))))
 
 
-# --------------------------------------------------------------------------- CPU
-def _halves(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero-copy int16 views of the high and low 16 bits of float32 ``values``."""
-    pairs = values.view(torch.int16)
-    return pairs[_HIGH::2], pairs[1 - _HIGH :: 2]
+def digit_plan(bits: int, slots: int, entries: int, wide_last: bool = False) -> list[int]:
+    """Digit widths, most significant first, covering ``bits`` within the bin budget.
+    ``wide_last``: make the last round the widest one whose doubled histogram still fits (the
+    tensor scope's final round spans two blocks), the others share the remaining bits."""
+    b = digit_width(slots, entries)
+    if wide_last and b >= 2:
+        last = min(b - 1, bits)
+        rest = bits - last
+        k = -(-rest // b) if rest else 0
+        return [rest // k + (1 if i < rest % k else 0) for i in range(k)] + [last] if k else [last]
+    widths = []
+    while bits > 0:
+        widths.append(min(b, bits))
+        bits -= widths[-1]
+    return widths
 
 
-def _select_by_halves(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], joined) -> Tensor:
-    if joined is not None and any(s == GLOBAL for s, _ in queries) and _crowded(joined):
-        mine = [q for q, (s, _) in enumerate(queries) if s == GLOBAL]
-        found = _select_by_bracket(joined, [queries[q][1] for q in mine])
-        if found is not None:
-            rest = sorted(set(range(len(queries))) - set(mine))
-            out = torch.empty(len(queries), dtype=torch.float32)
-            out[mine] = found
-            if rest:
-                out[rest] = _select_by_halves(n_seg, chunks, [queries[q] for q in rest], None)
-            return out
-    rows = {s for s, _ in queries}
-
-    def row_chunks(row: int) -> Iterable[Tensor]:
-        if row != GLOBAL:
-            return chunks(row)
-        if joined is None:
-            return (v for seg in range(n_seg) for v in chunks(seg))
-        step = scan_step(joined.device, joined.numel())
-        return (joined[i : i + step] for i in range(0, joined.numel(), step))
-
-    # Round 1: histogram of the high halves per queried row. A segment's histogram is resolved
-    # (chosen bin, its count, the rank inside it) as soon as it is complete; the global one is
-    # their sum, or one bincount over ``joined``.
-    chosen: dict[int, tuple[int, int, int]] = {}  # query -> (high half, values in that bin, rank in bin)
-    sum_segments = GLOBAL in rows and joined is None
-    total = torch.zeros(_HIGH_BINS, dtype=torch.int64) if sum_segments else None
-    for seg in range(n_seg):
-        if seg in rows or sum_segments:
-            hist = _high_hist(chunks(seg))
-            if sum_segments:
-                total += hist
-            if seg in rows:
-                _resolve(hist, seg, queries, chosen)
-    if GLOBAL in rows:
-        _resolve(total if sum_segments else _high_hist([joined]), GLOBAL, queries, chosen)
-
-    # Round 2: histogram of the low halves of the values in each chosen (row, bin).
-    bits: list[int] = [0] * len(queries)
-    for row, high, count in {(s, *chosen[q][:2]) for q, (s, _) in enumerate(queries)}:
-        hist = _low_hist(lambda: row_chunks(row), high, count)
-        mine = [q for q, (s, _) in enumerate(queries) if s == row and chosen[q][0] == high]
-        low, _ = _descend(hist.expand(len(mine), -1), torch.tensor([chosen[q][2] for q in mine]))
-        for q, d in zip(mine, low.tolist()):
-            bits[q] = (high << 16) | d
-    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+@lru_cache(maxsize=256)
+def device_ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Static integers (query ranks, slot offsets) as a device tensor, built once per layout: a
+    pageable host-to-device copy would otherwise wait for the device on every step."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
+@lru_cache(maxsize=64)
+def _unit(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    # 0-dim 0 and 1, expanded to any length: index_add's zero start and its all-ones source
+    return torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+
+
+def _count(keys: Tensor, nbins: int, hist: Tensor | None) -> Tensor:
+    """``hist[k] += #{i : keys[i] == k}`` (int32: exact below 2^31 entries), one ``index_add``;
+    every key is in range by construction."""
+    zero, one = _unit(torch.int32, keys.device)
+    return torch.index_add(zero.expand(nbins) if hist is None else hist, 0, keys, one.expand(keys.numel()))
+
+
+# --------------------------------------------------------------------------- radix select
+class Radix:
+    """Radix selection over a :class:`~zsharp_algos.segments.Workspace` (module doc). Ranks are
+    int32 device tensors; prefixes and results are bit patterns in the key dtype.
+
+    In rounds after the first, an entry of a slot below the prefix is counted in the slot's first
+    digit bin and one above it in an extra last bin: the cumulative counts are then absolute ranks,
+    and ``searchsorted`` returns the next digit itself."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.L = ws.layout
+        self.entry = ws.entry
+        self.kdt, self.bits = key_bits(ws.dtype)
+
+    def _keys(self, blk) -> Tensor:
+        return blk.flat.view(self.kdt)
+
+    def _search(self, cum: Tensor, rank: Tensor) -> Tensor:
+        return torch.searchsorted(cum, rank, right=True, out_int32=self.kdt == torch.int32)
+
+    def first_round(self, width: int, seg_rank: Tensor | None, global_rank: Tensor | None):
+        """Top ``width`` bits for ``(n, q)`` ranks per segment and ``(q,)`` ranks over all
+        entries (their histogram is the sum of the segments'). Returns the digits."""
+        L, shift, W = self.L, self.bits - width, 1 << width
+        base = L.const(("r1", W, self.kdt), lambda: torch.arange(L.n, device=L.device, dtype=self.kdt) * W)
+        base_e = base[self.entry]
+        hist = None
+        for blk in self.ws.blocks_with_z():
+            k = self._keys(blk)
+            k.bitwise_right_shift_(shift)
+            if blk.X is not None:
+                blk.X.view(self.kdt).add_(blk.row_part(base_e))
+            if blk.T is not None:
+                blk.T.view(self.kdt).add_(blk.tail_part(base_e, L.rows))
+            self.ws.fresh = False
+            hist = _count(k, L.n * W, hist)
+        cum = hist.view(L.n, W).cumsum(1, dtype=torch.int32)
+        seg_p = self._search(cum, seg_rank) if seg_rank is not None else None
+        glob_p = self._search(cum.sum(0, dtype=torch.int32), global_rank) if global_rank is not None else None
+        return seg_p, glob_p
+
+    def segment_round(self, prefix: Tensor, rank: Tensor, width: int, shift: int, blocks: int = 1):
+        """The next ``width`` bits (below ``shift + width``) of the ``(n, q)`` ranks per segment
+        given ``(n,)`` prefixes so far. ``blocks=2`` counts the block after the prefix's too (a
+        final round whose other ranks may sit just above). Returns the ``(n, q)`` positions ``p``
+        (the rank's value is ``prefix * W + p`` when ``p < blocks * W``, else above the counted
+        blocks) and the cumulative counts."""
+        L, W = self.L, 1 << width
+        block = blocks * W + 1
+        key = ("seg", block, self.kdt)
+        if key not in L._consts:
+            lower = torch.arange(L.n, device=L.device, dtype=self.kdt) * block
+            L._consts[key] = (lower, torch.stack([lower, lower + block - 1]))
+        lower, bounds = L._consts[key]
+        # key = clamp((k >> shift) - prefix * W + slot * block, slot * block, slot * block + block - 1)
+        table = torch.cat([torch.add(lower, prefix, alpha=-W)[None], bounds])[:, self.entry]
+        hist = None
+        for blk in self.ws.blocks_with_z():
+            k = self._keys(blk)
+            if shift:
+                k.bitwise_right_shift_(shift)
+            if blk.X is not None:
+                o, lo, hi = blk.row_part(table)
+                blk.X.view(self.kdt).add_(o).clamp_(lo, hi)
+            if blk.T is not None:
+                o, lo, hi = blk.tail_part(table, L.rows)
+                blk.T.view(self.kdt).add_(o).clamp_(lo, hi)
+            self.ws.fresh = False
+            hist = _count(k, L.n * block, hist)
+        cum = hist.view(L.n, block).cumsum(1, dtype=torch.int32)
+        return self._search(cum, rank), cum
+
+    def global_round(self, prefix: Tensor, rank: Tensor, width: int, shift: int, blocks: int = 1):
+        """As :meth:`segment_round` for ``(q,)`` ranks over all entries (one slot, scalar ops)."""
+        W = 1 << width
+        hist = None
+        for blk in self.ws.blocks_with_z():
+            k = self._keys(blk)
+            if shift:
+                k.bitwise_right_shift_(shift)
+            k.sub_(prefix, alpha=W).clamp_(0, blocks * W)
+            self.ws.fresh = False
+            hist = _count(k, blocks * W + 1, hist)
+        cum = hist.cumsum(0, dtype=torch.int32)
+        return self._search(cum, rank), cum
+
+
+def descend(radix: Radix, rank: Tensor, widths: Sequence[int]) -> Tensor:
+    """One ``(n, 1)`` rank per segment through every round: the values' bit patterns ``(n,)``."""
+    prefix = radix.first_round(widths[0], rank, None)[0][:, 0]
+    return continue_segments(radix, prefix, rank, widths[1:], radix.bits - widths[0])
+
+
+def continue_segments(radix: Radix, prefix: Tensor, rank: Tensor, widths: Sequence[int], shift: int) -> Tensor:
+    """Further rounds of one ``(n, 1)`` rank per segment from its ``(n,)`` prefix digits."""
+    for w in widths:
+        shift -= w
+        pos, _ = radix.segment_round(prefix, rank, w, shift)
+        prefix = torch.add(pos[:, 0], prefix, alpha=1 << w)
+    return prefix
+
+
+def descend_global(radix: Radix, rank: Tensor, first: Tensor, widths: Sequence[int], shift: int) -> tuple[Tensor, Tensor]:
+    """One ``(1,)`` global rank from its first-round digit ``first``: its bit pattern and the
+    count of entries <= it."""
+    prefix, le = first, None
+    for w in widths:
+        shift -= w
+        pos, cum = radix.global_round(prefix, rank, w, shift)
+        prefix = torch.add(pos[0], prefix, alpha=1 << w)
+        le = cum[pos][0]
+    return prefix, le
+
+
+def successors(ws, bits: Tensor, per_segment: bool) -> Tensor:
+    """The smallest stored value above ``bits`` (per segment when ``entry`` is given, else over
+    all entries), as bit patterns; values with none get a pattern above every value.
+
+    With ``c = bits + 1``, ``(key - c) & MAX`` keeps the entries above ``bits`` as their
+    distance to ``c`` and sends the others to ``2^b - (c - key) >= 2^b - c``, above every kept
+    distance: a plain minimum then finds the successor, with no mask and no temporary. The
+    buffer is rewritten (``ws.fresh`` is cleared)."""
+    kdt, nbits = key_bits(ws.dtype)
+    top = (1 << nbits) - 1
+    L = ws.layout
+    c = bits + 1
+    entry = ws.entry if per_segment else None
+    mins, rows, tails = [], [], []
+    c_e = c[entry] if entry is not None else None
+    for blk in ws.blocks_with_z():
+        k = blk.flat.view(kdt)
+        if c_e is None:
+            k.sub_(c)
+        else:
+            if blk.X is not None:
+                blk.X.view(kdt).sub_(blk.row_part(c_e))
+            if blk.T is not None:
+                blk.T.view(kdt).sub_(blk.tail_part(c_e, L.rows))
+        k.bitwise_and_(top)
+        ws.fresh = False
+        if entry is None:
+            mins.append(k.amin())
+        else:
+            if blk.X is not None:
+                rows.append(blk.X.view(kdt).amin(1))
+            if blk.T is not None:
+                tails.append(blk.T.view(kdt) if not ws.windowed else blk.T.view(kdt).clone())
+    if entry is None:
+        m = mins[0] if len(mins) == 1 else torch.stack(mins).amin()
+    else:
+        big = L.const(("big", kdt), lambda: torch.full((), top, dtype=kdt, device=L.device))
+        m = torch.scatter_reduce(big.expand(L.n), 0, entry, torch.cat(rows + tails), "amin")
+    return m + c  # past every value where there is no successor (sorted above them all)
+
+
+# --------------------------------------------------------------------------- CPU: bracket
 BRACKET_SAMPLE = 1 << 16  # sample size: sorting it costs well under one pass over 10M values
 BRACKET_SIGMAS = 6.0  # bracket half-width, in standard deviations of a sample rank
-BRACKET_MAX_SHARE = 1 / 16  # more values than this inside the bracket (heavy ties): use the radix
+BRACKET_MAX_SHARE = 1 / 32  # more values than this inside the bracket (heavy ties): give up
+BRACKET_MIN = 1 << 14  # fewer values than this: sort them outright
 
 
-CROWDED_SHARE = 0.02  # a bin of the top 16 bits holding this share of the sample is crowded
+def bracket_select(pieces: Sequence[Tensor], ranks: Sequence[int]) -> Tensor | None:
+    """Exact order statistics at ``ranks`` of the values in ``pieces`` (1-D, together one
+    population), or None where the sampled bracket misses (the caller's radix select answers).
 
-
-def _strided_sample(values: Tensor) -> Tensor:
-    """About :data:`BRACKET_SAMPLE` values at a fixed stride (a view)."""
-    return values[:: max(1, values.numel() // BRACKET_SAMPLE)]
-
-
-def _crowded(values: Tensor) -> bool:
-    """Whether a strided sample of ``values`` puts a crowded share in one bin of the top 16 bits.
-    ``bincount`` increments one counter at a time, so a crowded bin serialises it: on real
-    gradients (timm resnet18, a fifth of |z| in one bin) round 1 takes ~3x as long as on spread
-    values, and the bracket is faster; on spread values the radix select is."""
-    sample = _strided_sample(values).contiguous()
-    return int(torch.bincount(_halves(sample)[0], minlength=_HIGH_BINS).max()) > CROWDED_SHARE * sample.numel()
-
-
-def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
-    """Exact order statistics of 1-D float32 ``values`` at ``ranks`` (close together), or None
-    when the sample's bracket misses them (then the caller's radix select answers).
-
-    The strided sample's order statistics around ``rank / n`` give values ``lo <= hi`` that, for any
-    data not ordered adversarially against the stride, enclose the wanted ones. Counting
-    ``values < lo`` and ``values <= hi`` proves it (or not): then the answer is the
-    ``(rank - below)``-th smallest of the values in ``[lo, hi]``, a percent or two of them
-    (gathered in the same pass, so a miss costs that pass).
-    """
-    n = values.numel()
-    sample = _strided_sample(values)
+    A strided sample's order statistics around ``rank / n`` give ``lo <= hi`` that, for data not
+    ordered against the stride, enclose the wanted values; one pass counts ``values < lo`` and
+    gathers the values in ``[lo, hi]``, which proves it (or not), and quickselect finishes on
+    the few percent gathered. Temporaries: two float flags per value of a piece of at most
+    :func:`scan_step` values."""
+    n = sum(p.numel() for p in pieces)
+    if n <= BRACKET_MIN:
+        values = torch.cat(list(pieces)) if len(pieces) > 1 else pieces[0]
+        ordered = values.sort().values
+        return ordered[torch.tensor(list(ranks))]
+    stride = max(1, n // BRACKET_SAMPLE)
+    sample = torch.cat([p[::stride] for p in pieces])
     m = sample.numel()
     p = (min(ranks) + max(ranks)) / (2 * n)
     margin = BRACKET_SIGMAS * math.sqrt(m * p * (1 - p)) + 16
     first = math.floor(min(ranks) / n * m - margin)
     last = math.ceil(max(ranks) / n * m + margin)
     if first <= 0 or last >= m - 1:
-        return None  # a rank near the ends: the radix select is as cheap
+        return None  # ranks near the ends: the radix select is as cheap
     # quickselect (kthvalue, 1-based) rather than a sort: linear in the sample size
     lo, hi = sample.kthvalue(first + 1).values.view(1), sample.kthvalue(last + 1).values.view(1)
-    step = min(scan_step(values.device, n), 1 << 24)  # float 0/1 sums stay exact
-    flags = torch.empty(2, min(step, n), dtype=torch.float32)
     tied = bool(lo == hi)  # the ranks may fall in a run of one repeated value (e.g. exact zeros)
+    step = min(scan_step(n), 1 << 24)  # float 0/1 sums stay exact
+    flags = torch.empty(2, min(step, max(p.numel() for p in pieces)), dtype=pieces[0].dtype, device=pieces[0].device)
     below, inside, parts = 0, 0, []
-    for i in range(0, n, step):  # one pass: count below the bracket, gather what is inside it
-        chunk = values[i : i + step]
-        # float 0/1 flags: compared, summed and combined several times faster than bool on CPUs
-        is_below, is_inside = flags[0, : chunk.numel()], flags[1, : chunk.numel()]
-        below += int(torch.lt(chunk, lo, out=is_below).sum())
-        torch.le(chunk, hi, out=is_inside).sub_(is_below)  # lo <= value <= hi
-        if tied:
-            inside += int(is_inside.sum())
-        else:
+    limit = n * BRACKET_MAX_SHARE
+    for piece in pieces:
+        for i in range(0, piece.numel(), step):
+            chunk = piece[i : i + step]
+            # float 0/1 flags: compared, summed and combined several times faster than bool on CPUs
+            is_below, is_inside = flags[0, : chunk.numel()], flags[1, : chunk.numel()]
+            below += int(torch.lt(chunk, lo, out=is_below).sum())
+            torch.le(chunk, hi, out=is_inside).sub_(is_below)  # lo <= value <= hi
+            if tied:
+                inside += int(is_inside.sum())
+                continue
             parts.append(chunk[is_inside.nonzero()[:, 0]])
             inside += parts[-1].numel()
-            if inside > n * BRACKET_MAX_SHARE:  # too many to gather (heavy ties): bounded memory
-                return None
+            if inside > limit:
+                return None  # too many to gather (heavy ties): bounded memory
     if not (below <= min(ranks) and max(ranks) < below + inside):
         return None
     if tied:
@@ -242,117 +364,75 @@ def _select_by_bracket(values: Tensor, ranks: Sequence[int]) -> Tensor | None:
     return torch.stack([at_first if r - below < up_to_first else following[r - below - up_to_first] for r in ranks])
 
 
-def _resolve(hist: Tensor, row: int, queries, chosen: dict[int, tuple[int, int, int]]) -> None:
-    """For the queries on ``row``: the bin holding their rank, its count, and the rank inside it."""
-    mine = [q for q, (s, _) in enumerate(queries) if s == row]
-    digit, within = _descend(hist.expand(len(mine), -1), torch.tensor([queries[q][1] for q in mine]))
-    for q, d, c, r in zip(mine, digit.tolist(), hist[digit].tolist(), within.tolist()):
-        chosen[q] = (d, c, r)
+def scan_step(total: int) -> int:
+    """Values per kernel call when the CPU bracket scans ``total`` values: a 32nd of them (at
+    least 2^12), so its two float flags a value stay under 1/16 of the bytes."""
+    return max(1 << 12, -(-total // 32))
 
 
-def _high_hist(chunks: Iterable[Tensor]) -> Tensor:
-    """Counts of the high halves (the top 16 bits) of the values."""
-    hist = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-    for values in chunks:
-        hist += torch.bincount(_halves(values)[0], minlength=_HIGH_BINS)
-    return hist
+# --------------------------------------------------------------------------- plain values
+def select(segments: Sequence[Tensor], queries: Sequence[tuple[int, int]], *, storage: bool = True) -> Tensor:
+    """Exact order statistics of non-negative float32 / float64 values split into segments, by
+    the current :func:`strategy` (the filter's own selection, exposed for tests and reuse).
 
+    Args:
+        segments: 1-D tensors on one device, one dtype.
+        queries: ``(segment, rank)`` pairs; ``segment`` indexes ``segments`` or is
+            :data:`GLOBAL` for all of them together; ``rank`` is 0-based in ascending order.
+        storage: keep the values in one flat buffer (else the windowed path).
 
-def _low_hist(chunks: Callable[[], Iterable[Tensor]], high: int, count: int) -> Tensor:
-    """Counts of the low halves of the ``count`` values whose high half is ``high``.
-
-    Usually a bin holds well under 1% of the values and compacting them is cheap. A heavy bin is
-    almost always one value repeated (gradients that are exactly zero, e.g. a zero-initialised
-    residual branch or unused embedding rows, share one |z| per tensor): checked with a float
-    compare and a sum, which is far cheaper than compacting millions of values.
+    Returns one value per query. NaN sorts above +inf (it is never selected unless asked for a
+    rank among the NaNs), as the bit order says.
     """
-    hist = torch.zeros(_LOW_BINS, dtype=torch.int64)
-    if count > (1 << 16):
-        tied = _tied_value(chunks, high, count)
-        if tied is not None:
-            hist[tied & 0xFFFF] = count
-            return hist
-    for values in chunks():  # a fresh stream: chunks may share one scratch buffer
-        high_half, low_half = _halves(values)
-        hist += torch.bincount(low_half[high_half == high].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
-    return hist
+    from .segments import Workspace, layout_for
 
-
-def _tied_value(chunks: Callable[[], Iterable[Tensor]], high: int, count: int) -> int | None:
-    """The bits of the value that all ``count`` values in bin ``high`` share, or None."""
-    for values in chunks():  # a heavy bin shows up in a sparse sample of the values
-        sample = values[:: max(1, values.numel() >> 12)].contiguous()
-        hits = sample[_halves(sample)[0] == high]
-        if hits.numel():
-            candidate = hits[:1].clone()
-            break
-    else:
-        return None
-    equal = 0
-    for values in chunks():
-        # a float 0/1 result sums several times faster than a bool one on CPUs
-        equal += int(torch.eq(values, candidate, out=torch.empty_like(values)).sum())
-    return int(candidate.view(torch.int32)) if equal == count else None
-
-
-# --------------------------------------------------------------------------- accelerators
-def _select_by_radix(n_seg: int, chunks: ChunksFn, queries: Sequence[tuple[int, int]], device) -> Tensor:
-    n_q = len(queries)
-    rank = _device_ints(tuple(r for _, r in queries), device)
-    # Queries touching each segment (its own and the global ones): a static, host-side list.
-    touching = [[q for q, (s, _) in enumerate(queries) if s in (seg, GLOBAL)] for seg in range(n_seg)]
-
-    # Round 0: one histogram of the top digit per segment; the global one is their sum.
-    shift, bits = _ROUNDS[0]
-    per_seg = torch.zeros(n_seg + 1, 1 << bits, dtype=torch.int64, device=device)
-    for seg in range(n_seg):
-        if not touching[seg]:
-            continue
-        for values in chunks(seg):
-            _count(per_seg[seg], values.view(torch.int32) >> shift, None)
-    per_seg[n_seg] = per_seg[:n_seg].sum(0)
-    rows = _device_ints(tuple(n_seg if s == GLOBAL else s for s, _ in queries), device)
-    prefix, rank = _descend(per_seg[rows], rank)
-
-    # Later rounds: histogram the next digit of the values that share each query's prefix.
-    for shift, bits in _ROUNDS[1:]:
-        hist = torch.zeros(n_q, 1 << bits, dtype=torch.int64, device=device)
-        digit_mask = (1 << bits) - 1
-        for seg in range(n_seg):
-            if not touching[seg]:
-                continue
-            for values in chunks(seg):
-                keys = values.view(torch.int32)
-                digit = (keys >> shift) & digit_mask
-                high = keys >> (shift + bits)
-                for q in touching[seg]:
-                    _count(hist[q], digit, high == prefix[q])
-        digit, rank = _descend(hist, rank)
-        prefix = (prefix << bits) | digit
-    return prefix.to(torch.int32).view(torch.float32)
-
-
-def _count(hist: Tensor, digits: Tensor, where: Tensor | None) -> None:
-    """``hist[d] += #{i : digits[i] == d and where[i]}`` (int64 ``hist``), without a host sync.
-
-    ``histc`` on unit-wide bins counts in per-block shared memory; global atomics
-    (``scatter_add_``) would serialise on the few bins that hold most |z| values. Its float32
-    counts are exact: a chunk has fewer than 2^24 values.
-    """
-    values = digits.float() if where is None else torch.where(where, digits.float(), -1.0)
-    hist += torch.histc(values, bins=hist.numel(), min=0, max=hist.numel()).long()
-
-
-@lru_cache(maxsize=256)
-def _device_ints(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """Query ranks/rows as a device tensor, built once per model layout: a host-to-device copy
-    of pageable memory would otherwise wait for the device on every step."""
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _descend(hist: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
-    """For each row: the bin holding the ``rank``-th value and the rank within that bin."""
-    cum = hist.cumsum(1)
-    digit = torch.searchsorted(cum, rank[:, None], right=True)
-    below = cum.gather(1, digit) - hist.gather(1, digit)
-    return digit[:, 0], rank - below[:, 0]
+    sizes = [s.numel() for s in segments]
+    for seg, rank in queries:
+        size = sum(sizes) if seg == GLOBAL else sizes[seg]
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} out of range for a segment of {size} values")
+    if not queries:
+        return torch.empty(0, dtype=segments[0].dtype, device=segments[0].device)
+    dtype, device = segments[0].dtype, segments[0].device
+    layout = layout_for(sizes, device)
+    buf = torch.empty(layout.numel, dtype=dtype, device=device) if storage else None
+    ws = Workspace(layout, segments, dtype, buf)
+    # identity z: c = 0, 1/denom = 1, so |z| = |0 - v| = v
+    ws.coef = torch.stack([torch.zeros(layout.rows + layout.tail_numel, dtype=dtype, device=device),
+                           torch.ones(layout.rows + layout.tail_numel, dtype=dtype, device=device)])
+    out = [None] * len(queries)
+    kdt, nbits = key_bits(dtype)
+    if reads_host(device) and not ws.windowed:
+        ws.z_buffer()
+        for q, (seg, rank) in enumerate(queries):
+            pieces = [ws.buffer] if seg == GLOBAL else ws.segment_pieces(seg)
+            found = bracket_select(pieces, [rank])
+            if found is not None:
+                out[q] = found[0]
+    missing = [q for q in range(len(queries)) if out[q] is None]
+    # radix: one pass family per distinct rank set (a segment may be asked several ranks)
+    radix = Radix(ws)
+    while missing:
+        seg_rank = [0] * layout.n
+        wanted, used, glob = [], set(), None
+        for q in missing:
+            seg, rank = queries[q]
+            if seg == GLOBAL:
+                glob = q if glob is None else glob
+            elif seg not in used:
+                used.add(seg)
+                seg_rank[seg] = rank
+                wanted.append(q)
+        if wanted:
+            widths = digit_plan(nbits, layout.n, layout.numel)
+            bits = descend(radix, device_ints(tuple(seg_rank), device, torch.int32)[:, None], widths)
+            for q in wanted:
+                out[q] = bits[queries[q][0]].view(dtype)
+        if glob is not None:
+            rank = device_ints((queries[glob][1],), device, torch.int32)
+            width = digit_plan(nbits, 1, layout.numel)[0]
+            first = radix.first_round(width, None, rank)[1][0]
+            bits, _ = descend_global(radix, rank, first, digit_plan(nbits - width, 1, layout.numel), nbits - width)
+            out[glob] = bits.view(dtype)
+        missing = [q for q in missing if out[q] is None]
+    return torch.stack(out)
