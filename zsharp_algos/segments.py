@@ -71,15 +71,10 @@ class Layout:
         # Only O(segments) tensors are kept between steps; the per-entry index is rebuilt per
         # step (entry_index: one op), so nothing cached grows with the model's size.
         self._entry_src = (torch.arange(self.n, **i64).repeat(2), torch.tensor(self.head_rows + self.tail_sizes, **i64))
-        # Segment sums from C = cumsum([0, row values..., tail values...]): C[b] - C[a] sums
-        # positions [a, b); each segment has one range of rows and one of tails.
-        R = self.rows
-        bounds = [
-            (self.row_start[s] + h, self.row_start[s], R + self.tail_start[s] + t, R + self.tail_start[s])
-            for s, (h, t) in enumerate(zip(self.head_rows, self.tail_sizes))
-        ]
-        self.sum_index = torch.tensor(bounds, **i64).reshape(self.n, 4)
-        self.sum_sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64, device=device)
+        # Segment sums: one segmented reduction over [row values..., tail values...], whose
+        # 2n segments are each tensor's rows, then each tensor's tails (per-segment sums, so a
+        # small tensor after a large one keeps its own relative precision).
+        self.sum_lengths = torch.tensor(self.head_rows + self.tail_sizes, **i64)
         self.count = torch.tensor(self.sizes, dtype=torch.float64, device=device)
         self.zero64 = torch.zeros(1, dtype=torch.float64, device=device)
         self._consts: dict = {}
@@ -92,11 +87,12 @@ class Layout:
 
     def segment_sums(self, row_values: Sequence[Tensor], tail_values: Sequence[Tensor], square: bool = False) -> Tensor:
         """float64 per-segment sums of per-row partial sums and of tail entries (``square``:
-        of their squares). Five ops, whatever the number of segments."""
-        v = torch.cat([self.zero64, *row_values, *tail_values])  # promoted to float64
+        of their squares). Three or four ops, whatever the number of segments."""
+        v = torch.cat([self.zero64[:0], *row_values, *tail_values])  # promoted to float64
         if square:
             v.square_()
-        return v.cumsum(0)[self.sum_index] @ self.sum_sign
+        # unsafe: the lengths are right by construction (checking them would read the device)
+        return torch.segment_reduce(v, "sum", lengths=self.sum_lengths, unsafe=True).view(2, self.n).sum(0)
 
     def entry_index(self) -> Tensor:
         """The segment of each row, then of each tail entry: ``(R + T,)`` int64, one op (no
