@@ -5,6 +5,8 @@ timm resnet18 gradients, by total time (``cProfile``), next to SAM's, driven as 
     python benchmarks/filter_profile.py --threads 2 --real     # one backward of the untrained model
                                                                # (most are exactly zero: timm zero-initialises
                                                                # each residual branch's last BatchNorm)
+    python benchmarks/filter_profile.py --threads 2 --strategy accelerator --scope tensor
+                                                               # what a GPU runs, on CPU tensors
 """
 from __future__ import annotations
 
@@ -18,13 +20,16 @@ from torch import nn
 
 from common import base_parser, setup
 
-from zsharp_algos import SAM, ZSharp
+from zsharp_algos import SAM, ZSharp, order_stats
 
 
 def main():
     parser = base_parser(__doc__)
     parser.add_argument("--real", action="store_true", help="gradients of one real backward pass")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--strategy", choices=order_stats.STRATEGIES, default="auto",
+                        help="ZSharp's selection strategy (order_stats.strategy)")
+    parser.add_argument("--scope", choices=("global", "tensor"), default="global")
     args = parser.parse_args()
     device = setup(args)
     import timm
@@ -38,7 +43,9 @@ def main():
         grads = [p.grad.clone() for p in params]
     else:
         grads = [torch.randn_like(p) for p in params]
-    for name, opt in [("sam", SAM(torch.optim.SGD(params, lr=0.0))), ("zsharp", ZSharp(torch.optim.SGD(params, lr=0.0)))]:
+    opts = [("sam", SAM(torch.optim.SGD(params, lr=0.0))),
+            (f"zsharp ({args.scope} scope, {args.strategy} strategy)", ZSharp(torch.optim.SGD(params, lr=0.0), scope=args.scope))]
+    for name, opt in opts:
         profiler, times = cProfile.Profile(), []
         for step in range(args.steps + 1):
             for p, g in zip(params, grads):
@@ -46,8 +53,9 @@ def main():
             if step:  # the first step builds the save buffer: not profiled
                 profiler.enable()
             start = time.perf_counter()
-            opt.first_step()  # as step() runs it: w' built in the gradients, parameters re-pointed
-            opt.restore()
+            with order_stats.strategy(args.strategy):
+                opt.first_step()  # as step() runs it: w' built in the gradients, parameters re-pointed
+                opt.restore()
             times.append(time.perf_counter() - start)
             profiler.disable()
         print(f"\n{name}: first_step + restore, median {statistics.median(times[1:]) * 1e3:.1f} ms "

@@ -1,4 +1,5 @@
 """``make bench``: run every benchmark on the CPU (and CUDA when present), then chart the JSON.
+The dispatch counts (``dispatch_count.py``: ops per ZSharp step, device-independent) come first.
 
     python benchmarks/run_all.py [--out results/bench] [--quick]
 """
@@ -108,6 +109,8 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     quick = ["--rounds", "2", "--warmup", "1"] if args.quick else []
+    # ops per first_step() + restore() with the sync-free strategy: the same on every device
+    run("dispatch_count.py", "--out", args.out, *(["--models", "resnet18"] if args.quick else []))
     for device in devices:
         common = ["--device", device, "--out", args.out]
         if args.quick:

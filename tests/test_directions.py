@@ -216,9 +216,13 @@ def test_select_in_a_bin_holding_most_values(heavy, strategy):
         ("too_many_inside", False),  # more values inside the bracket than it may gather
     ],
 )
-def test_bracket_select_is_exact_or_steps_aside(data, bracketed, monkeypatch):
+@pytest.mark.parametrize("numpy", [True, False])
+def test_bracket_select_is_exact_or_steps_aside(data, bracketed, numpy, monkeypatch):
     """The CPU strategy's sampled bracket gives exactly the sorted values, or None where it
-    cannot (bracket missed, too many values in it); select() then answers by the radix."""
+    cannot (bracket missed, too many values in it); select() then answers by the radix. Its
+    counting pass through NumPy, and through torch where NumPy is not installed."""
+    if not numpy:
+        monkeypatch.setattr(order_stats, "_numpy", lambda: None)
     monkeypatch.setattr(order_stats, "BRACKET_SAMPLE", 1 << 14)  # a 12-stride sample of 200K values
     monkeypatch.setattr(order_stats, "BRACKET_MAX_SHARE", 1 / 16)  # room for its wider bracket
     gen = torch.Generator().manual_seed(2)

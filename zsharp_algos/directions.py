@@ -68,7 +68,7 @@ from .order_stats import (
     reads_host,
     successors,
 )
-from .segments import ZSCORE_EPS, Workspace, layout_for, value_dtype
+from .segments import Workspace, layout_for, value_dtype
 
 __all__ = ["Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
 

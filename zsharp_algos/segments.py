@@ -323,7 +323,3 @@ ZSCORE_EPS = 1e-8  # added to std, as in both reference implementations
 def value_dtype(grads: Sequence[Tensor]) -> torch.dtype:
     """float64 if any gradient is float64, else float32: the dtype of |z| and the statistics."""
     return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-
-
-def ceil_log2(n: int) -> int:
-    return max(0, math.ceil(math.log2(max(n, 1))))
