@@ -496,6 +496,9 @@ def _import(dotted: str):
     raise ImportError(dotted)
 
 
+KEYWORD_ONLY_DOCUMENTED: set[tuple[str, str]] = set()
+
+
 def _documented(signature: str) -> tuple[dict[str, object], bool, bool]:
     """Documented arguments -> default (``inspect.Parameter.empty`` when none), whether the
     signature is partial (starts with ``...``), whether it has ``**kwargs``."""
@@ -511,6 +514,7 @@ def _documented(signature: str) -> tuple[dict[str, object], bool, bool]:
         out[a.arg] = d
     for a, d in zip(fn.kwonlyargs, fn.kw_defaults):
         out[a.arg] = inspect.Parameter.empty if d is None else d
+        KEYWORD_ONLY_DOCUMENTED.add((signature, a.arg))
     for name, value in list(out.items()):
         if isinstance(value, ast.AST):
             try:
@@ -520,6 +524,9 @@ def _documented(signature: str) -> tuple[dict[str, object], bool, bool]:
     return out, partial, fn.kwarg is not None
 
 
+KINDS: dict[tuple[int, str], object] = {}
+
+
 def _actual(obj) -> tuple[dict[str, object], set[str], dict[str, object]]:
     """The code's arguments -> default, for a function or a class: its ``__init__`` and, while it
     forwards ``**kwargs``, its bases' within this package; the names the class's own ``__init__``
@@ -527,7 +534,8 @@ def _actual(obj) -> tuple[dict[str, object], set[str], dict[str, object]]:
     option of :mod:`zsharp_algos.options` where ``**kwargs`` reach no signature that names them,
     as in the callbacks that pass them on to an optimizer)."""
     targets = [obj]
-    if inspect.isclass(obj) and not hasattr(obj, "__dataclass_fields__"):
+    declared = inspect.isclass(obj) and any("__signature__" in vars(c) for c in obj.__mro__)
+    if inspect.isclass(obj) and not hasattr(obj, "__dataclass_fields__") and not declared:
         inits = [vars(c)["__init__"] for c in obj.__mro__
                  if "__init__" in vars(c) and c.__module__.startswith("zsharp_algos")]
         targets = inits or [obj]
@@ -547,11 +555,17 @@ def _actual(obj) -> tuple[dict[str, object], set[str], dict[str, object]]:
                 forwards = True
                 continue
             params.setdefault(p.name, p.default)
+            KINDS.setdefault((id(obj), p.name), p.kind)
             if i == 0:
                 own.add(p.name)
         if not forwards:
             break
-    options = {o.name: o.default for o in getattr(obj, "options", ())} if inspect.isclass(obj) else {}
+    options = {}
+    if inspect.isclass(obj):
+        table = getattr(obj, "options", None)
+        if not isinstance(table, (tuple, list)):
+            table = getattr(getattr(obj, "optimizer_cls", None), "options", ())
+        options = {o.name: o.default for o in table}
     if forwards and not options:
         from zsharp_algos.options import OPTIONS
 
@@ -585,7 +599,7 @@ def test_api_reference_matches_code(entry: Entry):
             assert list(documented) == actual_names, f"README line {entry.line}: {entry.name}.{name}{member[len(name):]}"
     if entry.signature is None:
         return
-    documented, partial, _ = _documented(entry.signature)
+    documented, partial, documented_kwargs = _documented(entry.signature)
     actual, own, options = _actual(obj)
     for name, default in documented.items():
         if name in actual:
@@ -595,10 +609,19 @@ def test_api_reference_matches_code(entry: Entry):
         else:
             pytest.fail(f"README line {entry.line}: {entry.name} documents {name!r}, the code has no such argument "
                         f"(it has {sorted(actual) + sorted(options)})")
+        kind = KINDS.get((id(obj), name))
+        if kind is not None:
+            keyword_only = (entry.signature, name) in KEYWORD_ONLY_DOCUMENTED
+            assert keyword_only == (kind is inspect.Parameter.KEYWORD_ONLY), (
+                f"README line {entry.line}: {entry.name}: {name!r} is "
+                f"{'keyword-only' if kind is inspect.Parameter.KEYWORD_ONLY else 'positional'} in the code")
         if default is not inspect.Parameter.empty and have is not inspect.Parameter.empty:
             assert _same(have, default), f"README line {entry.line}: {entry.name}({name}=...) is {have!r} in the code, {default!r} in the README"
     if not partial:
-        undocumented = [n for n in [*own, *([] if options.get("__open__") else options)] if n not in documented]
+        # options need not be listed where the entry says they pass through (``**options``)
+        listed = [] if options.get("__open__") or documented_kwargs else [n for n in options if n != "__open__"]
+        own = [n for n in own if not (documented_kwargs and n in options)]
+        undocumented = list(dict.fromkeys(n for n in [*own, *listed] if n not in documented))
         assert not undocumented, f"README line {entry.line}: {entry.name} does not document {undocumented}"
 
 
