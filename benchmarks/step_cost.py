@@ -61,7 +61,7 @@ def step_units(base_model, side, device, methods, batch):
         else:
             spec = dict(spec)
             opt = spec.pop("cls")(sgd, rho=0.05, model=model, **spec)
-            k = opt.interval
+            k = opt.param_groups[0]["interval"]  # interval is a param-group option
 
         def closure(model=model, opt=opt):
             opt.zero_grad()

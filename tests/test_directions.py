@@ -223,10 +223,10 @@ def test_bracket_select_is_exact_or_steps_aside(data, bracketed, numpy, monkeypa
     counting pass through NumPy, and through torch where NumPy is not installed."""
     if not numpy:
         monkeypatch.setattr(order_stats, "_numpy", lambda: None)
-    monkeypatch.setattr(order_stats, "BRACKET_SAMPLE", 1 << 14)  # a 12-stride sample of 200K values
+    monkeypatch.setattr(order_stats, "BRACKET_SAMPLE", 1 << 14)  # a 32-stride sample of 512K values
     monkeypatch.setattr(order_stats, "BRACKET_MAX_SHARE", 1 / 16)  # room for its wider bracket
     gen = torch.Generator().manual_seed(2)
-    n = 200_000
+    n = 2 * order_stats.DIRECT_MAX  # above the size selected directly
     values = torch.randn(n, generator=gen).abs()
     if data == "crowded_bin":
         values[: n // 5] = 1.5 + torch.rand(n // 5, generator=gen) * 2.0**-10

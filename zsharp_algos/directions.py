@@ -31,7 +31,7 @@ Directions:
     (linear interpolation, as ``torch.quantile``); keep :math:`|z| \ge` threshold; a tensor that
     would keep nothing keeps its top :math:`\max(1, \lfloor 0.2 n\rfloor)` entries by :math:`|z|`
     (ties at the boundary kept); tensors with fewer than 2 entries have :math:`z = 0`. One
-    global norm. This is the seed README implementation's behaviour.
+    global norm. This is the bangyen/zsharp reproduction's behaviour.
   - ``scope="tensor"``: only tensors with ``ndim > 1`` are filtered, each by its own
     ``percentile`` of :math:`|z|`, keeping :math:`|z| >` threshold (strict); each filtered tensor
     is normalised by its own norm, so the whole perturbation has norm about
@@ -39,9 +39,31 @@ Directions:
     gradient is all zero, get SAM's scaling of the raw gradient (global raw norm). This is the
     paper's official code (which uses ``percentile=95``).
 
-Statistics are computed in float32 for float32, bfloat16 and float16 gradients, and norms, mean
-and std in float64 for float64 gradients; thresholds are exact order statistics
-(:mod:`zsharp_algos.order_stats`), with no element cap and no host sync.
+How ZSharp's filter runs: the gradients are copied into one flat buffer (the optimizer's
+work buffer, lent for the call) in the segmented layout of :mod:`zsharp_algos.segments`; per-tensor
+means and stds are segment reductions over it, |z| is one multiply-add over the whole buffer, and
+the thresholds come from :mod:`zsharp_algos.order_stats` (each radix round one histogram for every
+tensor and query), so the number of kernels does not grow with the number of tensors. The CPU
+strategy reads small results on the host (a memory load there); the accelerator strategy never
+does (:func:`zsharp_algos.order_stats.strategy` runs it on CPU tensors too).
+
+Statistics are in float32 for float32, bfloat16 and float16 gradients, in float64 for float64
+ones (norms, mean, std, |z| and the order statistics over their int64 bit patterns).
+
+The exactness contract (tested in ``tests/test_filter_exactness.py``; ``docs/filter.md``). With
+``u = 2^-24`` (float64 gradients: ``2^-53``) and ``B <= 1024`` the layout's row length,
+``eps = B u`` (at most ``2^-14`` for float32):
+
+* each tensor's mean is within ``eps * mean|g|`` of the exact mean, its std within
+  ``eps * (std + mean|g|)`` of the exact std (for ``mean|g| / std`` up to ``1 / eps``);
+* so |z| is within ``delta = 2 eps (1 + |z|) (1 + mean|g| / (std + 1e-8))`` of the exact z-score's;
+* thresholds are exact order statistics of the |z| computed here, interpolated as
+  ``torch.quantile`` does; where the upper neighbour is far above the lower one (an empty
+  first-round bin between them), the sync-free strategy uses a value between the two that keeps
+  the very same entries;
+* so masks equal the reference implementations' (``tests/reference.py``) except for entries whose
+  |z| lies within about ``4 delta`` of the threshold (in the global scope, also a whole tensor
+  whose largest |z| does: its keep-nothing fallback may be decided the other way).
 """
 from __future__ import annotations
 

@@ -303,7 +303,7 @@ def successors(ws, bits: Tensor, per_segment: bool) -> Tensor:
 BRACKET_SAMPLE = 1 << 16  # sample size: sorting it costs well under one pass over 10M values
 BRACKET_SIGMAS = 6.0  # bracket half-width, in standard deviations of a sample rank
 BRACKET_MAX_SHARE = 1 / 32  # more values than this inside the bracket (heavy ties): give up
-BRACKET_MIN = 1 << 14  # fewer values than this: sort them outright
+DIRECT_MAX = 1 << 18  # fewer than this: quickselect on them all (no sample, no scan)
 
 
 def bracket_select(pieces: Sequence[Tensor], ranks: Sequence[int]) -> Tensor | None:
@@ -316,10 +316,8 @@ def bracket_select(pieces: Sequence[Tensor], ranks: Sequence[int]) -> Tensor | N
     the few percent gathered. Temporaries: two float flags per value of a piece of at most
     :func:`scan_step` values."""
     n = sum(p.numel() for p in pieces)
-    if n <= BRACKET_MIN:
-        values = torch.cat(list(pieces)) if len(pieces) > 1 else pieces[0]
-        ordered = values.sort().values
-        return ordered[torch.tensor(list(ranks))]
+    if n <= DIRECT_MAX:  # a sample would be most of the values: select among them directly
+        return kth(torch.cat(list(pieces)) if len(pieces) > 1 else pieces[0], ranks)
     stride = max(1, n // BRACKET_SAMPLE)
     sample = torch.cat([p[::stride] for p in pieces])
     m = sample.numel()
@@ -329,8 +327,8 @@ def bracket_select(pieces: Sequence[Tensor], ranks: Sequence[int]) -> Tensor | N
     last = math.ceil(max(ranks) / n * m + margin)
     if first <= 0 or last >= m - 1:
         return None  # ranks near the ends: the radix select is as cheap
-    # quickselect (kthvalue, 1-based) rather than a sort: linear in the sample size
-    lo, hi = sample.kthvalue(first + 1).values.view(1), sample.kthvalue(last + 1).values.view(1)
+    # quickselect rather than a sort: linear in the sample size
+    lo, hi = kth(sample, [first, last]).view(2, 1)
     tied = bool(lo == hi)  # the ranks may fall in a run of one repeated value (e.g. exact zeros)
     scan = _scan_numpy if _numpy() is not None else _scan_torch
     found = scan(pieces, lo, hi, tied, n * BRACKET_MAX_SHARE)
@@ -341,14 +339,27 @@ def bracket_select(pieces: Sequence[Tensor], ranks: Sequence[int]) -> Tensor | N
         return None
     if tied:
         return lo.expand(len(ranks)).clone()
-    between = torch.cat(parts)
-    # the smallest wanted rank by quickselect; the next few (torch.quantile's neighbour) follow it
-    first_rank = min(ranks) - below
-    at_first = between.kthvalue(first_rank + 1).values
-    up_to_first = int((between <= at_first).sum())  # ranks [0, up_to_first) hold values <= at_first
-    after = max(ranks) - below + 1 - up_to_first
-    following = torch.topk(between[between > at_first], after, largest=False).values if after > 0 else None
-    return torch.stack([at_first if r - below < up_to_first else following[r - below - up_to_first] for r in ranks])
+    return kth(torch.cat(parts), [r - below for r in ranks])
+
+
+def kth(values: Tensor, ranks: Sequence[int]) -> Tensor:
+    """Exact order statistics of a 1-D CPU tensor at ``ranks`` by quickselect (NumPy's
+    ``partition`` where installed: several times faster than ``torch.kthvalue``, which also
+    tracks indices); a rank just above another is that value again or the smallest above it."""
+    np = _numpy()
+    if np is not None:
+        parted = np.partition(values.numpy(), sorted(set(ranks)))
+        out = torch.empty(len(ranks), dtype=values.dtype)  # torch's memory, so torch sees it
+        out.numpy()[:] = parted[list(ranks)]
+        return out
+    out: dict[int, Tensor] = {}
+    for r in sorted(set(ranks)):
+        below = out.get(r - 1)
+        if below is not None:
+            out[r] = below if int((values <= below).sum()) > r else values[values > below].min()
+        else:
+            out[r] = values.kthvalue(r + 1).values
+    return torch.stack([out[r] for r in ranks])
 
 
 def _scan_torch(pieces, lo, hi, tied, limit):
@@ -387,15 +398,20 @@ def _scan_numpy(pieces, lo, hi, tied, limit):
         values = piece.numpy()
         for i in range(0, values.size, step):
             chunk = values[i : i + step]
-            below += int(np.count_nonzero(chunk < lo_v))
+            is_below = chunk < lo_v
+            below += int(np.count_nonzero(is_below))
             if tied:
                 inside += int(np.count_nonzero(chunk == lo_v))
                 continue
-            gathered = chunk[(chunk >= lo_v) & (chunk <= hi_v)]
-            parts.append(torch.from_numpy(gathered.copy()))
-            inside += gathered.size
-            if inside > limit:
+            is_inside = chunk <= hi_v
+            np.logical_xor(is_below, is_inside, out=is_inside)  # lo <= value <= hi
+            count = int(np.count_nonzero(is_inside))
+            if inside + count > limit:
                 return None
+            gathered = torch.empty(count, dtype=piece.dtype)  # torch's memory, so torch sees it
+            np.compress(is_inside, chunk, out=gathered.numpy())
+            parts.append(gathered)
+            inside += count
     return below, inside, parts
 
 
@@ -442,7 +458,7 @@ def select(segments: Sequence[Tensor], queries: Sequence[tuple[int, int]], *, st
     layout = layout_for(sizes, device)
     buf = torch.empty(layout.numel, dtype=dtype, device=device) if storage else None
     ws = Workspace(layout, segments, dtype, buf)
-    # identity z: c = 0, 1/denom = 1, so |z| = |0 - v| = v
+    # identity z: mean 0, denom 1, so |z| = |v - 0| / 1 = v
     ws.coef = torch.stack([torch.zeros(layout.rows + layout.tail_numel, dtype=dtype, device=device),
                            torch.ones(layout.rows + layout.tail_numel, dtype=dtype, device=device)])
     out = [None] * len(queries)

@@ -217,7 +217,8 @@ class Workspace:
                 self.blocks.append(self._block(scratch[: t1 - t0], (0, 0), (t0, t1)))
             self.buffer = None
         self.fresh = False  # whether the single block holds |z| now (unwindowed only)
-        self.coef: Tensor | None = None  # (2, R + T): per entry mean/denom, 1/denom
+        self.centered = False  # whether it holds g - mean (statistics' second pass left it so)
+        self.coef: Tensor | None = None  # (2, R + T): per entry mean, std + 1e-8
         self.entry = layout.entry_index()
 
     def _block(self, flat: Tensor, rows: tuple[int, int], tails: tuple[int, int]) -> Block:
@@ -256,27 +257,33 @@ class Workspace:
         m2 = L.segment_sums(rows, tails, square=True)
         std = (m2 / L.const("count_m1", lambda: (L.count - 1).clamp(min=1))).sqrt_().to(self.dtype)
         # + 1e-8 (in the value dtype, as the references), and + inf for a segment of fewer than
-        # 2 entries: 1/denom = 0 gives it z = 0, as both references
+        # 2 entries: (g - mean) / inf = 0 gives it z = 0, as both references
         eps = L.const(("eps", self.dtype), lambda: torch.where(
             L.count >= 2, ZSCORE_EPS, math.inf).to(self.dtype))
         denom = std.add_(eps)
-        inv = denom.reciprocal()
-        self.coef = torch.stack([mean * inv, inv])[:, self.entry]
-        self.fresh = False
+        self.coef = torch.stack([mean, denom])[:, self.entry]
+        self.fresh, self.centered = False, not self.windowed
         return mean, denom
 
     # ------------------------------------------------------------------ |z|
     def zscores(self, blk: Block) -> None:
-        """``blk.flat <- |z|`` of its entries: ``|mean / denom - g / denom|`` (one multiply-add
-        and one abs, the same ops wherever |z| is computed, so every pass sees the same bits)."""
-        blk.fill()
-        c, inv = self.coef[0], self.coef[1]
-        if blk.X is not None:
-            torch.addcmul(blk.row_part(c), blk.X, blk.row_part(inv), value=-1, out=blk.X)
-        if blk.T is not None:
-            R = self.layout.rows
-            torch.addcmul(blk.tail_part(c, R), blk.T, blk.tail_part(inv, R), value=-1, out=blk.T)
+        """``blk.flat <- |z|`` of its entries: ``|g - mean| / (std + 1e-8)``, the references'
+        own ops given the statistics (refill, subtract, abs, divide: the same ops wherever |z| is
+        computed, so every pass sees the same bits)."""
+        R = self.layout.rows
+        mean, denom = self.coef[0], self.coef[1]
+        if not self.centered:
+            blk.fill()
+            if blk.X is not None:
+                blk.X.sub_(blk.row_part(mean))
+            if blk.T is not None:
+                blk.T.sub_(blk.tail_part(mean, R))
+        self.centered = False
         blk.flat.abs_()
+        if blk.X is not None:
+            blk.X.div_(blk.row_part(denom))
+        if blk.T is not None:
+            blk.T.div_(blk.tail_part(denom, R))
 
     def blocks_with_z(self) -> Iterator[Block]:
         """Each block holding |z| (recomputed unless it still does). A consumer that changes a
