@@ -154,6 +154,35 @@ def test_windowed_path_matches_reference(monkeypatch, strategy, scope):
         torch.testing.assert_close(0.05 * d / (n + 1e-12), want, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("stored", [True, False])
+def test_adaptive_zsharp_matches_reference(scope, stored):
+    """ASAM scaling of ZSharp's direction: e = rho T^2 d / ||T d|| with T = |w| (the norm over all
+    tensors, or the filtered tensor's own), through the work buffer or streamed."""
+    grads, weights = random_grads(5, SHAPES), random_grads(6, SHAPES)
+    percentile = 70
+    if scope == "global":
+        ds = [g * m for g, m in zip(grads, zsharp_global_masks(grads, percentile))]
+        norm = torch.stack([(w.abs() * d).norm() for w, d in zip(weights, ds)]).norm()
+        want = [0.05 * w * w * d / (norm + 1e-12) for w, d in zip(weights, ds)]
+    else:
+        raw = torch.stack([(w.abs() * g).norm() for w, g in zip(weights, grads)]).norm()
+        want = []
+        for w, g in zip(weights, grads):
+            if g.dim() > 1:
+                z = reference_zscore(g).abs()
+                d = g * (z > torch.quantile(z.flatten(), percentile / 100))
+                if d.any():
+                    want.append(0.05 * w * w * d / ((w.abs() * d).norm() + 1e-12))
+                    continue
+            want.append(0.05 * w * w * g / (raw + 1e-12))
+    gs = [g.clone() for g in grads]
+    storage = torch.empty(sum(g.numel() for g in gs)) if stored else None
+    norms = ZScoreDirection(percentile, scope)(weights, gs, adaptive=[True] * len(gs), storage=storage)
+    for w, d, n, ref in zip(weights, gs, norms, want):
+        torch.testing.assert_close(0.05 * w * w * d / (n + 1e-12), ref, rtol=1e-5, atol=1e-8)
+
+
 def test_asam_streamed_norm_matches_reference():
     grads, weights = random_grads(3, SHAPES), random_grads(4, SHAPES)
     e, _, _ = perturbation_of(SAM, weights, grads, rho=0.05, adaptive=True)

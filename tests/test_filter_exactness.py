@@ -208,8 +208,9 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
-def test_accelerator_filter_ops_do_not_grow_with_the_number_of_tensors(scope):
+def test_accelerator_filter_ops_do_not_grow_with_the_number_of_tensors(scope, adaptive):
     """The sync-free filter dispatches as many ops for 24 tensors as for 9 of the same sizes.
     (The digit width, hence the number of rounds, follows the entries per tensor: the histogram
     budget is a fraction of the entries, shared by the tensors.)"""
@@ -222,10 +223,10 @@ def test_accelerator_filter_ops_do_not_grow_with_the_number_of_tensors(scope):
         direction = ZScoreDirection(70, scope)
         params = [torch.zeros_like(g) for g in grads]
         with order_stats.strategy("accelerator"):
-            direction(params, [g.clone() for g in grads], adaptive=[False] * len(grads), storage=storage)
+            direction(params, [g.clone() for g in grads], adaptive=[adaptive] * len(grads), storage=storage)
             mode = _Count()
             with mode:
-                direction(params, grads, adaptive=[False] * len(grads), storage=storage)
+                direction(params, grads, adaptive=[adaptive] * len(grads), storage=storage)
         return mode.ops
 
     assert ops(9) == ops(24)

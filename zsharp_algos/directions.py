@@ -140,16 +140,37 @@ def _flags(adaptive: bool | Sequence[bool], n: int) -> list[bool]:
     return flags
 
 
-def weighted_norms(params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool | Sequence[bool]) -> list[Tensor]:
+def weighted_norms(
+    params: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool | Sequence[bool], scratch: Tensor | None = None
+) -> list[Tensor]:
     """Per-tensor norms of ``T_i * g_i`` (``T_i = |w_i|`` where ``adaptive[i]``, else 1), in
-    :func:`stat_dtype` of each gradient."""
+    :func:`stat_dtype` of each gradient. ``scratch``: a free flat float32 buffer; with one big
+    enough, the ASAM products of float32 tensors are formed there by three multi-tensor kernels
+    (else streamed tensor by tensor in bounded pieces)."""
     flags = _flags(adaptive, len(grads))
     norms: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
     plain = [i for i, a in enumerate(flags) if not a]
     for idx, (gs,) in group_by_device_dtype([grads[i] for i in plain]):
         for i, n in zip(idx, torch._foreach_norm(gs, 2, dtype=stat_dtype(gs[0].dtype))):
             norms[plain[i]] = n
-    if len(plain) < len(grads):
+    weighted = [i for i, a in enumerate(flags) if a]
+    if (
+        weighted
+        and scratch is not None
+        and scratch.dtype == torch.float32
+        and all(grads[i].dtype == params[i].dtype == torch.float32 for i in weighted)
+        and sum(grads[i].numel() for i in weighted) <= scratch.numel()
+    ):
+        views, start = [], 0
+        for i in weighted:
+            views.append(scratch[start : start + grads[i].numel()])
+            start += grads[i].numel()
+        torch._foreach_copy_(views, [flat_view(params[i].detach()) for i in weighted])
+        torch._foreach_mul_(views, [flat_view(grads[i]) for i in weighted])
+        for i, n in zip(weighted, torch._foreach_norm(views)):
+            norms[i] = n
+        return norms
+    if weighted:
         chunk = _norm_chunk(sum(g.numel() for g in grads))
         for i, a in enumerate(flags):
             if a:
@@ -178,9 +199,9 @@ def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
     return sq.sqrt()
 
 
-def _global_norms(params, grads, adaptive) -> Tensor:
+def _global_norms(params, grads, adaptive, scratch: Tensor | None = None) -> Tensor:
     """The global norm of ``T g`` over all tensors, one entry per tensor."""
-    norm = total_norm(weighted_norms(params, grads, adaptive), norm_dtype(grads))
+    norm = total_norm(weighted_norms(params, grads, adaptive, scratch), norm_dtype(grads))
     return norm.expand(len(grads))  # one norm for all: a stride-0 view, read-only
 
 
@@ -261,7 +282,7 @@ class ZScoreDirection(Direction):
             ws = _workspace([grads[i] for i in live], storage)
             thresholds = self._global_thresholds(ws)
             _apply_masks(ws, thresholds, torch.Tensor.ge_)
-        return _global_norms(params, grads, flags)
+        return _global_norms(params, grads, flags, storage)  # the buffer is free again
 
     def _global_thresholds(self, ws: Workspace) -> Tensor:
         """Per segment: the global percentile of |z|, or the segment's own top-20% boundary where
@@ -335,14 +356,14 @@ class ZScoreDirection(Direction):
 
     # -- scope="tensor": the paper's official behaviour
     def _per_tensor(self, params, grads, flags, storage):
-        norms = _global_norms(params, grads, flags)  # the raw norm: tensors not filtered
+        norms = _global_norms(params, grads, flags, storage)  # the raw norm: tensors not filtered
         segs = [s for s, g in enumerate(grads) if g.dim() > 1 and g.numel()]
         if not segs:
             return norms
         ws = _workspace([grads[s] for s in segs], storage)
         thresholds = self._tensor_thresholds(ws)
         kept = _apply_masks(ws, thresholds, torch.Tensor.gt_, keep_if_empty=True)
-        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], [flags[s] for s in segs])
+        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], [flags[s] for s in segs], storage)
         own = torch.stack(own_norms).to(norms.dtype)
         index = device_ints(tuple(segs), norms.device)
         # filtered gradient all zero: the raw gradient (kept as is by _apply_masks), raw norm
