@@ -392,7 +392,7 @@ def _scan_numpy(pieces, lo, hi, tied, limit):
     np = _numpy()
     lo_v, hi_v = lo.item(), hi.item()
     n = sum(p.numel() for p in pieces)
-    step = scan_step(n)
+    step = max(1 << 16, scan_step(n))  # its bool temporaries: 2 bytes a value of a chunk
     below, inside, parts = 0, 0, []
     for piece in pieces:
         values = piece.numpy()
