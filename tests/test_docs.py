@@ -8,9 +8,9 @@ Conventions for the Markdown files (the line right above a fence, blank lines sk
 * ``<!-- not run: REASON -->`` above a block: not run (installs packages, needs a GPU, runs for
   hours, shows another library's convention...). The reason is shown as the skip reason. Script
   paths the block names must still exist.
-* ``<!-- slow: REASON -->`` above a block: run only when ``ZSHARP_DOCS_FULL=1`` (``.ci/run`` sets
-  it), skipped with the reason otherwise: the multi-process launches, which cost a minute or more
-  each on two cores and whose paths ``tests/test_hf.py``, ``tests/test_accelerate.py``,
+* ``<!-- slow: REASON -->`` above a block: run only when ``ZSHARP_DOCS_FULL=1``,
+  skipped with the reason otherwise: the multi-process launches and long example runs, which cost
+  a minute or more each on two cores and whose paths ``tests/test_hf.py``, ``tests/test_accelerate.py``,
   ``tests/test_composer.py`` and ``tests/test_lightning.py`` test anyway.
 * ``<!-- continued -->`` above a Python block: it runs after the run blocks before it in the same
   file, back to the last block without the marker, in one process (so a section can build a model
@@ -257,8 +257,16 @@ def python_needs(text: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------- running
+# Set by in-process launches earlier in the suite (Lightning's and Composer's DDP set-up write
+# them into os.environ): a block run after them would take itself for one rank of a job.
+_LAUNCHER_VARIABLES = re.compile(
+    r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|NODE_RANK|GROUP_RANK|ROLE_RANK|MASTER_ADDR|MASTER_PORT"
+    r"|TORCHELASTIC_\w+|PL_\w+|ACCELERATE_\w+|COMPOSER_\w+|TORCH_NCCL_\w+)$"
+)
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.match(k)}
     env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
                PYTHONWARNINGS="ignore::DeprecationWarning", MPLBACKEND="Agg")

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ._tensors import group_by_device_dtype
+from .order_stats import reads_host
 
 __all__ = ["Placement", "WorkBuffer", "storage_sole_owner", "foreach_grouped"]
 
@@ -196,11 +197,12 @@ class Placement:
 
 
 def _sum_into(dsts: Sequence[Tensor], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-    """``dsts[i] = xs[i] + ys[i]`` per device/dtype group. On the CPU, whose multi-tensor kernels
-    loop over the tensors anyway, one ``out=`` add per tensor reads each operand once; elsewhere
-    two multi-tensor kernels (copy, then add) beat a launch per tensor."""
+    """``dsts[i] = xs[i] + ys[i]`` per device/dtype group. Where host work is cheap (the CPU
+    strategy of :mod:`zsharp_algos.order_stats`), whose multi-tensor kernels loop over the tensors
+    anyway, one ``out=`` add per tensor reads each operand once; elsewhere two multi-tensor
+    kernels (copy, then add) beat a launch per tensor."""
     for _, (ds, a, b) in group_by_device_dtype(dsts, xs, ys):
-        if ds[0].device.type == "cpu":
+        if reads_host(ds[0].device):
             for d, x, y in zip(ds, a, b):
                 torch.add(x, y, out=d)
         else:
