@@ -1,6 +1,6 @@
-"""The implementations we are compared against, written from their descriptions in
-shared/REFERENCE.md (not copied): the widely used per-tensor-loop SAM, the seed README's ZSharp
-(``torch.quantile`` over every |z|), and Composer's ``SAMOptimizer`` when Composer is installed.
+"""The implementations we are compared against, written from their public descriptions (not
+copied): the most-used standalone SAM (a per-tensor loop), the bangyen/zsharp reproduction's
+ZSharp (``torch.quantile`` over every |z|), and Composer's ``SAMOptimizer`` when Composer is installed.
 
 Each exposes ``first_step()`` (perturb from .grad) and ``second_step()`` (restore + base step),
 the optimizer-only part of a sharpness step.
