@@ -15,7 +15,7 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     except ImportError as err:
         top = module.split(".")[0]
         raise ImportError(
-            f"{purpose} needs the optional dependency {top!r}: install the '{extra}' extra "
-            f"(pip install -e '.[{extra}]' in a checkout, or pip install 'dist/<wheel>[{extra}]'), "
-            f"or install {top!r} directly"
+            f"{purpose} needs the optional dependency {top!r}: install the zsharp-algos[{extra}] "
+            f"extra (pip install -e '.[{extra}]' in a checkout, or pip install "
+            f"'dist/<wheel>[{extra}]'), or install {top!r} directly"
         ) from err

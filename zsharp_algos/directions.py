@@ -91,6 +91,7 @@ from .order_stats import (
     successors,
 )
 from .segments import Workspace, layout_for, value_dtype
+from .sharding import Shards
 
 __all__ = ["Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
 
@@ -110,12 +111,16 @@ class Direction:
         *,
         adaptive: Sequence[bool],
         storage: Tensor | None = None,
+        shards: Shards | None = None,
     ) -> Tensor:
         """Write the direction ``d`` into ``grads`` and return the 1-D tensor of norms ``nu_i``.
 
         ``adaptive[i]``: whether ``T_i = |w_i|`` (ASAM) for tensor ``i``, else ``T_i = 1``.
         ``storage``: an optional flat float32 buffer with at least as many elements as
-        ``grads``, free to overwrite during the call (a direction may keep work there)."""
+        ``grads``, free to overwrite during the call (a direction may keep work there).
+        ``shards``: set when ``params`` and ``grads`` are the local shards of FSDP2 DTensors
+        (:mod:`zsharp_algos.sharding`): the norms (and any statistic over a tensor) must then be
+        those of the whole tensors, completed across ``shards.group``."""
         raise NotImplementedError
 
 
@@ -199,10 +204,20 @@ def _chunked_norm(g: Tensor, w: Tensor | None, chunk: int) -> Tensor:
     return sq.sqrt()
 
 
-def _global_norms(params, grads, adaptive, scratch: Tensor | None = None) -> Tensor:
+def _global_norms(params, grads, adaptive, scratch: Tensor | None = None, shards: Shards | None = None) -> Tensor:
     """The global norm of ``T g`` over all tensors, one entry per tensor."""
-    norm = total_norm(weighted_norms(params, grads, adaptive, scratch), norm_dtype(grads))
+    norms = weighted_norms(params, grads, adaptive, scratch)
+    if shards is None:
+        norm = total_norm(norms, norm_dtype(grads))
+    else:  # the squared norms of the shards, summed over this process's tensors and the group
+        norm = shards.sum_(total_norm(norms, norm_dtype(grads)).square()).sqrt()
     return norm.expand(len(grads))  # one norm for all: a stride-0 view, read-only
+
+
+def _own_norms(params, grads, adaptive, scratch: Tensor | None, shards: Shards | None) -> Tensor:
+    """Each tensor's own norm of ``T g`` (1-D)."""
+    norms = torch.stack(weighted_norms(params, grads, adaptive, scratch))
+    return norms if shards is None else shards.sum_(norms.square()).sqrt()
 
 
 # --------------------------------------------------------------------------- SAM
@@ -211,8 +226,8 @@ class GradientDirection(Direction):
 
     name = "sam"
 
-    def __call__(self, params, grads, *, adaptive, storage=None):
-        return _global_norms(params, grads, adaptive)
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None):
+        return _global_norms(params, grads, adaptive, shards=shards)
 
 
 # --------------------------------------------------------------------------- ZSharp
@@ -264,34 +279,35 @@ class ZScoreDirection(Direction):
         self.percentile = float(percentile)
         self.scope = scope
 
-    def __call__(self, params, grads, *, adaptive, storage=None):
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise ValueError(
                 f"ZSharp computes z-score thresholds over tensors on one device, got {sorted(map(str, devices))}"
             )
         flags = _flags(adaptive, len(grads))
+        numels = [g.numel() for g in grads] if shards is None else shards.numels
         if self.scope == "global":
-            return self._global(params, grads, flags, storage)
-        return self._per_tensor(params, grads, flags, storage)
+            return self._global(params, grads, flags, storage, shards, numels)
+        return self._per_tensor(params, grads, flags, storage, shards, numels)
 
     # -- scope="global": the bangyen/zsharp reproduction's behaviour
-    def _global(self, params, grads, flags, storage):
-        live = [i for i, g in enumerate(grads) if g.numel()]
+    def _global(self, params, grads, flags, storage, shards, numels):
+        live = [i for i, n in enumerate(numels) if n]
         if live:
-            ws = _workspace([grads[i] for i in live], storage)
+            ws = _workspace([grads[i] for i in live], storage, shards, [numels[i] for i in live])
             thresholds = self._global_thresholds(ws)
             _apply_masks(ws, thresholds, torch.Tensor.ge_)
-        return _global_norms(params, grads, flags, storage)  # the buffer is free again
+        return _global_norms(params, grads, flags, storage, shards)  # the buffer is free again
 
     def _global_thresholds(self, ws: Workspace) -> Tensor:
         """Per segment: the global percentile of |z|, or the segment's own top-20% boundary where
         its largest |z| is under the global one (it would keep nothing)."""
         L, dtype, device = ws.layout, ws.dtype, ws.layout.device
-        lo, hi, weight = linear_rank(self.percentile / 100.0, L.numel, dtype)
+        lo, hi, weight = linear_rank(self.percentile / 100.0, ws.numel, dtype)
         # Rank of each tensor's top-20% boundary: its k-th largest value, k = max(1, floor(0.2 n)).
-        fallback_ranks = tuple(n - max(1, int(FALLBACK_FRACTION * n)) for n in L.sizes)
-        if reads_host(device) and not ws.windowed:
+        fallback_ranks = tuple(n - max(1, int(FALLBACK_FRACTION * n)) for n in ws.sizes)
+        if reads_host(device) and not ws.windowed and ws.shards is None:
             # Small results can be read for free: the threshold first, then the fallback ranks
             # of only the tensors that need one (usually none).
             values = bracket_select([ws.z_buffer()], [lo, hi])
@@ -314,7 +330,7 @@ class ZScoreDirection(Direction):
         """Fixed-shape selection: the interpolated global threshold and every fallback value."""
         L, dtype, device = ws.layout, ws.dtype, ws.layout.device
         _, nbits = key_bits(dtype)
-        b1 = digit_width(L.n, L.numel)
+        b1 = digit_width(L.n, ws.budget)
         W = 1 << (nbits - b1)
         radix = Radix(ws)
         frank = device_ints(fallback_ranks, device, torch.int32)[:, None]
@@ -325,7 +341,7 @@ class ZScoreDirection(Direction):
         # empty bin lies between them, and then the gap (>= W ulps) puts the interpolated
         # threshold strictly above lo wherever the weight is >= 1/W: any value in (lo, hi]
         # selects the same entries, and lo's successor is one.
-        if dtype == torch.float32 and 2 * W + 2 <= BINS_PER_ENTRY * L.numel and (hi == lo or weight >= 1 / W):
+        if dtype == torch.float32 and 2 * W + 2 <= BINS_PER_ENTRY * ws.budget and (hi == lo or weight >= 1 / W):
             pos, _ = radix.global_round(glob_p[0], granks, nbits - b1, 0, blocks=2)
             found = torch.add(pos, glob_p[0], alpha=W)
             lo_val = _from_bits(found[0], dtype)
@@ -337,14 +353,14 @@ class ZScoreDirection(Direction):
                 threshold = torch.where(inside, interpolated, _from_bits(found[0] + 1, dtype))
         else:  # narrower rounds, then hi as lo's repeat or successor
             rank = granks[:1]
-            lo_bits, le = descend_global(radix, rank, glob_p[0], digit_plan(nbits - b1, 1, L.numel), nbits - b1)
+            lo_bits, le = descend_global(radix, rank, glob_p[0], digit_plan(nbits - b1, 1, ws.budget), nbits - b1)
             lo_val = _from_bits(lo_bits, dtype)
             if hi == lo:
                 threshold = lo_val
             else:
                 hi_bits = torch.where(le > hi, lo_bits, successors(ws, lo_bits, per_segment=False))
                 threshold = _interpolate(lo_val, _from_bits(hi_bits, dtype), weight)
-        fallback = continue_segments(radix, seg_p[:, 0], frank, digit_plan(nbits - b1, L.n, L.numel), nbits - b1)
+        fallback = continue_segments(radix, seg_p[:, 0], frank, digit_plan(nbits - b1, L.n, ws.budget), nbits - b1)
         return threshold, _from_bits(fallback, dtype)
 
     @staticmethod
@@ -355,24 +371,24 @@ class ZScoreDirection(Direction):
         return order_stats.select(ws.segment_pieces(seg), [(0, rank)])[0]
 
     # -- scope="tensor": the paper's official behaviour
-    def _per_tensor(self, params, grads, flags, storage):
-        norms = _global_norms(params, grads, flags, storage)  # the raw norm: tensors not filtered
-        segs = [s for s, g in enumerate(grads) if g.dim() > 1 and g.numel()]
+    def _per_tensor(self, params, grads, flags, storage, shards, numels):
+        norms = _global_norms(params, grads, flags, storage, shards)  # the raw norm: tensors not filtered
+        segs = [s for s, g in enumerate(grads) if g.dim() > 1 and numels[s]]
         if not segs:
             return norms
-        ws = _workspace([grads[s] for s in segs], storage)
+        ws = _workspace([grads[s] for s in segs], storage, shards, [numels[s] for s in segs])
         thresholds = self._tensor_thresholds(ws)
         kept = _apply_masks(ws, thresholds, torch.Tensor.gt_, keep_if_empty=True)
-        own_norms = weighted_norms([params[s] for s in segs], [grads[s] for s in segs], [flags[s] for s in segs], storage)
-        own = torch.stack(own_norms).to(norms.dtype)
+        pick = lambda xs: [xs[s] for s in segs]  # noqa: E731
+        own = _own_norms(pick(params), pick(grads), pick(flags), storage, shards).to(norms.dtype)
         index = device_ints(tuple(segs), norms.device)
         # filtered gradient all zero: the raw gradient (kept as is by _apply_masks), raw norm
         return norms.index_put((index,), torch.where(kept == 0, norms[0], own))
 
     def _tensor_thresholds(self, ws: Workspace) -> Tensor:
         L, dtype, device = ws.layout, ws.dtype, ws.layout.device
-        ranks = [linear_rank(self.percentile / 100.0, n, dtype) for n in L.sizes]
-        if reads_host(device) and not ws.windowed:
+        ranks = [linear_rank(self.percentile / 100.0, n, dtype) for n in ws.sizes]
+        if reads_host(device) and not ws.windowed and ws.shards is None:
             ws.z_buffer()
             out = []
             for s, (lo, hi, w) in enumerate(ranks):
@@ -382,7 +398,7 @@ class ZScoreDirection(Direction):
                 out.append(_interpolate(pair[0], pair[1], w))
             return torch.stack(out)
         _, nbits = key_bits(dtype)
-        plan = digit_plan(nbits, L.n, L.numel, wide_last=True)
+        plan = digit_plan(nbits, L.n, ws.budget, wide_last=True)
         W = 1 << plan[-1]
         radix = Radix(ws)
         lo_rank = device_ints(tuple(r[0] for r in ranks), device, torch.int32)[:, None]
@@ -412,9 +428,12 @@ def _weights(values: tuple[float, ...], dtype: torch.dtype, device: torch.device
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _workspace(grads: Sequence[Tensor], storage: Tensor | None) -> Workspace:
+def _workspace(
+    grads: Sequence[Tensor], storage: Tensor | None, shards: Shards | None = None, numels: Sequence[int] = ()
+) -> Workspace:
     dtype = value_dtype(grads)
-    ws = Workspace(layout_for([g.numel() for g in grads], grads[0].device), grads, dtype, storage)
+    layout = layout_for([g.numel() for g in grads], grads[0].device)
+    ws = Workspace(layout, grads, dtype, storage, None if shards is None else shards.sub(numels))
     ws.statistics()
     return ws
 
@@ -428,7 +447,11 @@ def _apply_masks(ws: Workspace, thresholds: Tensor, keep, keep_if_empty: bool = 
     t_entry = thresholds[ws.entry]
     kept = None
     passes = ("norm", "apply") if keep_if_empty and ws.windowed else ("apply",)
+    if keep_if_empty and not ws.blocks:  # this process holds none of the pool's entries
+        return _whole(ws, None)
     for stage in passes:
+        if stage == "apply" and ws.windowed and kept is not None:
+            kept = _whole(ws, kept)  # every window counted: complete across the shards
         for blk in ws.blocks_with_z():
             if blk.X is not None:
                 keep(blk.X, blk.row_part(t_entry))
@@ -441,6 +464,8 @@ def _apply_masks(ws: Workspace, thresholds: Tensor, keep, keep_if_empty: bool = 
                     torch._foreach_mul_(masks, blk.pieces)  # g * m, to tell empty filters
                     part = _piece_norms_squared(ws, blk, masks)
                     kept = part if kept is None else kept + part
+                    if not ws.windowed:
+                        kept = _whole(ws, kept)
                 if stage == "norm":
                     continue
                 if not ws.windowed:
@@ -457,9 +482,18 @@ def _apply_masks(ws: Workspace, thresholds: Tensor, keep, keep_if_empty: bool = 
     return kept
 
 
+def _whole(ws: Workspace, kept: Tensor | None) -> Tensor:
+    """Per-segment sums of squares over this process's entries -> over the whole tensors."""
+    if kept is None:
+        kept = torch.zeros(ws.layout.n, dtype=torch.float64, device=ws.layout.device)
+    return kept if ws.shards is None else ws.shards.sum_(kept.contiguous())
+
+
 def _piece_norms_squared(ws: Workspace, blk, pieces: list[Tensor]) -> Tensor:
     """Per-segment sum of squares of a block's pieces (each piece lies in one segment)."""
     L = ws.layout
+    if not pieces:  # a block of empty shards
+        return torch.zeros(L.n, dtype=torch.float64, device=L.device)
     owners = L.const(("owners", blk.rows, blk.tails), lambda: torch.tensor(
         _piece_owners(L, blk.rows, blk.tails), dtype=torch.int64, device=L.device))
     sq = torch.stack(torch._foreach_norm(pieces)).to(torch.float64).square_()

@@ -29,6 +29,7 @@ from torch import Tensor
 from ._tensors import group_by_device_dtype
 from .directions import Direction
 from .placement import Placement
+from .sharding import local, shards_of
 from .stats import SharpnessStats, squared_norm
 
 __all__ = ["PerturbationEngine", "interval_due"]
@@ -130,23 +131,41 @@ class PerturbationEngine:
         pools = {k: v for k, v in pools.items() if v[1]}
         if not pools:
             return False
+        # FSDP2 (zsharp_algos.sharding): the math runs on the local shards, every statistic over
+        # a tensor or the model is completed across the shard group, and the weights are
+        # perturbed in place (FSDP all-gathers the next forward's weights from the shard itself).
+        shards = shards_of([p for _, ps, _, _ in pools.values() for p in ps])
+        pools = {k: (d, [local(p) for p in ps], [local(g) for g in gs], o) for k, (d, ps, gs, o) in pools.items()}
         all_params = [p for _, ps, _, _ in pools.values() for p in ps]
         all_grads = [g for _, _, gs, _ in pools.values() for g in gs]
         grad_sq = squared_norm(all_grads) if self.record_stats else None
         # The weights are untouched until placement: an error in a direction leaves them as they were.
         into_buffer = False
+        offset = 0
         for direction, params, grads, owners in pools.values():
             storage = None
             if direction.uses_storage:
                 numel = sum(g.numel() for g in grads)
-                storage = self.placement.scratch(params, self.trainable, numel)
+                storage = self.placement.scratch(params, self._trainable_local, numel)
                 into_buffer = True
-            norms = direction(params, grads, adaptive=[o["adaptive"] for o in owners], storage=storage)
+            adaptive = [o["adaptive"] for o in owners]
+            if shards is None:
+                norms = direction(params, grads, adaptive=adaptive, storage=storage)
+            else:
+                pool_shards = shards.sub(shards.numels[offset : offset + len(params)])
+                norms = direction(params, grads, adaptive=adaptive, storage=storage, shards=pool_shards)
+            offset += len(params)
             _scale_into_perturbation(params, grads, owners, norms)
         if self.record_stats:
-            self.stats.add_perturbation(all_grads, all_grads, grad_sq)
-        self.placement.apply(all_params, all_grads, self.trainable, may_move=free_grads, into_buffer=into_buffer)
+            self.stats.add_perturbation(all_grads, all_grads, grad_sq, shards)
+        self.placement.apply(
+            all_params, all_grads, self._trainable_local, may_move=free_grads and shards is None, into_buffer=into_buffer
+        )
         return True
+
+    def _trainable_local(self) -> list[Tensor]:
+        # the work buffer holds what this process holds: the local shards under FSDP2
+        return [local(p) for p in self.trainable()]
 
     def restore(self) -> None:
         """Put the weights back exactly (a no-op when not perturbed)."""

@@ -29,6 +29,7 @@ from torch import nn
 from .batchnorm import frozen_norm_stats, norm_layers_seen
 from .directions import Direction, GradientDirection, ZScoreDirection
 from .engine import PerturbationEngine
+from .sharding import local
 from .options import OPTIONS, SAM_OPTIONS, ZSHARP_OPTIONS, Option, check_options, fill_group
 
 __all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "SkipStep"]
@@ -193,6 +194,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "finish a manual step with second_step(), or use step(closure) alone"
             )
         if closure is None:
+            if self._is_state_initialisation():
+                self.base_optimizer.step()  # creates the base's state (momentum...); lr is 0
+                return None
             if self.is_sharpness_step() and not self._first_step_done:
                 raise RuntimeError(
                     f"{type(self).__name__}.step() without a closure on a sharpness step, and no first_step() ran: "
@@ -224,6 +228,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return None
         self.base_step()
         return loss
+
+    def _is_state_initialisation(self) -> bool:
+        """Whether this closure-less ``step()`` is ``torch.distributed.checkpoint``'s (and
+        frameworks' that use it) state initialisation before a load: a fresh optimizer, every
+        ``lr`` 0 and every gradient zero. It is passed to the base optimizer and not counted.
+        (The one host read is on this rare path only.)"""
+        if self.step_count or self.state or self._first_step_done:
+            return False
+        groups = self.param_groups
+        if not all("lr" in g and float(g["lr"]) == 0.0 for g in groups):
+            return False
+        grads = [local(p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and all(not bool(g.count_nonzero()) for g in grads)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
@@ -287,6 +304,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             "step_count": self.step_count,
             "skipped_steps": self.skipped_steps,
         }
+        # The counters ride in the (copied) groups too: torch.distributed.checkpoint's
+        # get_state_dict, which FSDP2 frameworks save through, keeps only "state" and
+        # "param_groups".
+        for group in sd["param_groups"]:
+            group.update({_GROUP_KEYS[k]: v for k, v in sd["sharpness"].items() if k in _GROUP_KEYS})
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -305,6 +327,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
+            for name, key in _GROUP_KEYS.items():
+                if key in group:
+                    extra.setdefault(name, group.pop(key))
             self._fill_options(group)
         self.step_count = int(extra.get("step_count", self.step_count))
         self.skipped_steps = int(extra.get("skipped_steps", self.skipped_steps))
@@ -318,6 +343,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({hp}, base={type(self.base_optimizer).__name__})"
+
+
+#: The counters' keys in the saved param groups (see state_dict).
+_GROUP_KEYS = {"step_count": "sharpness_step_count", "skipped_steps": "sharpness_skipped_steps"}
 
 
 def _kind(class_name: str) -> str:

@@ -161,6 +161,14 @@ class Radix:
     def _keys(self, blk) -> Tensor:
         return blk.flat.view(self.kdt)
 
+    def _complete(self, hist: Tensor | None, nbins: int) -> Tensor:
+        """This process's counts -> the whole tensors' (summed across the shard group when the
+        workspace holds shards: integer counts, so exact)."""
+        if hist is None:  # no block: this process holds no entry of the pool
+            hist = _unit(torch.int32, self.L.device)[0].expand(nbins).clone()
+        shards = self.ws.shards
+        return hist if shards is None else shards.sum_(hist)
+
     def _search(self, cum: Tensor, rank: Tensor) -> Tensor:
         return torch.searchsorted(cum, rank, right=True, out_int32=self.kdt == torch.int32)
 
@@ -180,7 +188,7 @@ class Radix:
                 blk.T.view(self.kdt).add_(blk.tail_part(base_e, L.rows))
             self.ws.fresh = False
             hist = _count(k, L.n * W, hist)
-        cum = hist.view(L.n, W).cumsum(1, dtype=torch.int32)
+        cum = self._complete(hist, L.n * W).view(L.n, W).cumsum(1, dtype=torch.int32)
         seg_p = self._search(cum, seg_rank) if seg_rank is not None else None
         glob_p = self._search(cum.sum(0, dtype=torch.int32), global_rank) if global_rank is not None else None
         return seg_p, glob_p
@@ -213,7 +221,7 @@ class Radix:
                 blk.T.view(self.kdt).add_(o).clamp_(lo, hi)
             self.ws.fresh = False
             hist = _count(k, L.n * block, hist)
-        cum = hist.view(L.n, block).cumsum(1, dtype=torch.int32)
+        cum = self._complete(hist, L.n * block).view(L.n, block).cumsum(1, dtype=torch.int32)
         return self._search(cum, rank), cum
 
     def global_round(self, prefix: Tensor, rank: Tensor, width: int, shift: int, blocks: int = 1):
@@ -227,7 +235,7 @@ class Radix:
             k.sub_(prefix, alpha=W).clamp_(0, blocks * W)
             self.ws.fresh = False
             hist = _count(k, blocks * W + 1, hist)
-        cum = hist.cumsum(0, dtype=torch.int32)
+        cum = self._complete(hist, blocks * W + 1).cumsum(0, dtype=torch.int32)
         return self._search(cum, rank), cum
 
 
@@ -285,17 +293,22 @@ def successors(ws, bits: Tensor, per_segment: bool) -> Tensor:
         k.bitwise_and_(top)
         ws.fresh = False
         if entry is None:
-            mins.append(k.amin())
+            if k.numel():
+                mins.append(k.amin())
         else:
             if blk.X is not None:
                 rows.append(blk.X.view(kdt).amin(1))
             if blk.T is not None:
                 tails.append(blk.T.view(kdt) if not ws.windowed else blk.T.view(kdt).clone())
+    big = L.const(("big", kdt), lambda: torch.full((), top, dtype=kdt, device=L.device))
     if entry is None:
-        m = mins[0] if len(mins) == 1 else torch.stack(mins).amin()
-    else:
-        big = L.const(("big", kdt), lambda: torch.full((), top, dtype=kdt, device=L.device))
+        m = mins[0] if len(mins) == 1 else torch.stack(mins).amin() if mins else big.clone()
+    elif rows or tails:
         m = torch.scatter_reduce(big.expand(L.n), 0, entry, torch.cat(rows + tails), "amin")
+    else:  # a process whose shards of the pool are all empty
+        m = big.expand(L.n).clone()
+    if ws.shards is not None:  # the smallest distance over the whole tensors
+        m = ws.shards.min_(m.contiguous())
     return m + c  # past every value where there is no successor (sorted above them all)
 
 

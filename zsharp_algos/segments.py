@@ -75,7 +75,6 @@ class Layout:
         # 2n segments are each tensor's rows, then each tensor's tails (per-segment sums, so a
         # small tensor after a large one keeps its own relative precision).
         self.sum_lengths = torch.tensor(self.head_rows + self.tail_sizes, **i64)
-        self.count = torch.tensor(self.sizes, dtype=torch.float64, device=device)
         self.zero64 = torch.zeros(1, dtype=torch.float64, device=device)
         self._consts: dict = {}
 
@@ -189,9 +188,19 @@ class Workspace:
     :data:`WINDOW_SHARE` of the gradient bytes is allocated and the layout is walked in windows.
     """
 
-    def __init__(self, layout: Layout, grads: Sequence[Tensor], dtype: torch.dtype, storage: Tensor | None):
+    def __init__(
+        self, layout: Layout, grads: Sequence[Tensor], dtype: torch.dtype, storage: Tensor | None, shards=None
+    ):
         self.layout = layout
         self.dtype = dtype
+        # shards (zsharp_algos.sharding.Shards): the grads are local shards of larger tensors;
+        # per-segment sums, extremes and histograms are completed across the shard group, and
+        # counts and ranks are those of the whole tensors
+        self.shards = shards
+        self.sizes = layout.sizes if shards is None else shards.numels
+        self.numel = sum(self.sizes)
+        #: entries per process, identical on every rank (histogram budgets must agree)
+        self.budget = layout.numel if shards is None else -(-self.numel // shards.size)
         self.flats = [flat_view(g) for g in grads]
         L = layout
         if storage is not None and storage.dtype == dtype and storage.numel() >= L.numel:
@@ -241,7 +250,8 @@ class Workspace:
                 rows.append(blk.X.sum(1))
             if blk.T is not None:
                 tails.append(blk.T if not self.windowed else blk.T.clone())
-        mean64 = L.segment_sums(rows, tails) / L.const("count1", lambda: L.count.clamp(min=1))
+        count1, count_m1, eps = _count_consts(self.sizes, L.device, self.dtype)
+        mean64 = self._complete(L.segment_sums(rows, tails)) / count1
         mean = mean64.to(self.dtype)
         m_entry = mean[self.entry]
         rows, tails = [], []
@@ -254,16 +264,16 @@ class Workspace:
             if blk.T is not None:
                 blk.T.sub_(blk.tail_part(m_entry, L.rows))
                 tails.append(blk.T if not self.windowed else blk.T.clone())
-        m2 = L.segment_sums(rows, tails, square=True)
-        std = (m2 / L.const("count_m1", lambda: (L.count - 1).clamp(min=1))).sqrt_().to(self.dtype)
-        # + 1e-8 (in the value dtype, as the references), and + inf for a segment of fewer than
-        # 2 entries: (g - mean) / inf = 0 gives it z = 0, as both references
-        eps = L.const(("eps", self.dtype), lambda: torch.where(
-            L.count >= 2, ZSCORE_EPS, math.inf).to(self.dtype))
+        m2 = self._complete(L.segment_sums(rows, tails, square=True))
+        std = (m2 / count_m1).sqrt_().to(self.dtype)
         denom = std.add_(eps)
         self.coef = torch.stack([mean, denom])[:, self.entry]
         self.fresh, self.centered = False, not self.windowed
         return mean, denom
+
+    def _complete(self, per_segment: Tensor) -> Tensor:
+        """Per-segment sums over this process's entries -> over the whole tensors."""
+        return per_segment if self.shards is None else self.shards.sum_(per_segment.contiguous())
 
     # ------------------------------------------------------------------ |z|
     def zscores(self, blk: Block) -> None:
@@ -319,12 +329,25 @@ class Workspace:
                 rows.append(blk.X.amax(1))
             if blk.T is not None:
                 tails.append(blk.T if not self.windowed else blk.T.clone())
-        values = torch.cat(rows + tails)
         zero = L.const(("zero", self.dtype), lambda: torch.zeros((), dtype=self.dtype, device=L.device))
-        return torch.scatter_reduce(zero.expand(L.n), 0, self.entry, values, "amax")
+        if not rows and not tails:  # a process whose shards of the pool are all empty
+            largest = zero.expand(L.n).clone()
+        else:
+            largest = torch.scatter_reduce(zero.expand(L.n), 0, self.entry, torch.cat(rows + tails), "amax")
+        return largest if self.shards is None else self.shards.max_(largest)
 
 
 ZSCORE_EPS = 1e-8  # added to std, as in both reference implementations
+
+
+@lru_cache(maxsize=64)
+def _count_consts(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per segment of these (whole-tensor) sizes: ``max(n, 1)``, ``max(n - 1, 1)`` (float64) and
+    the ``eps`` added to std: 1e-8 in the value dtype, as the references, and inf for a segment
+    of fewer than 2 entries ((g - mean) / inf = 0 gives it z = 0, as both references)."""
+    count = torch.tensor(sizes, dtype=torch.float64, device=device)
+    eps = torch.where(count >= 2, ZSCORE_EPS, math.inf).to(dtype)
+    return count.clamp(min=1), (count - 1).clamp(min=1), eps
 
 
 def value_dtype(grads: Sequence[Tensor]) -> torch.dtype:

@@ -1,0 +1,342 @@
+"""FSDP2 checks, run by tests/test_fsdp.py under ``torchrun --nproc_per_node N`` (gloo, CPU).
+
+Every rank trains a ``fully_shard``-ed copy of a small model on its slice of each global batch
+and, alone, an unsharded copy on the whole batch (the reference), then writes what it measured
+to ``<out>/rank<r>.json``:
+
+* ``runs``: per configuration, the largest relative weight difference (per tensor, Frobenius)
+  between the sharded and the unsharded run after the steps, and the replicated results of the
+  last step (SAM/ZSharp norms, thresholds) as bit patterns, to be compared across ranks;
+* ``masks``: per ZSharp configuration, how many entries of the sharded filter's mask differ from
+  the unsharded filter's on the same gradients, and how many of those lie at a round-off tie;
+* ``resume``: whether a run saved to a sharded checkpoint (torch.distributed.checkpoint) after k
+  steps and resumed in fresh objects ends bitwise equal to the uninterrupted run.
+
+``--mesh 2x2``: the HSDP layout (replicate x shard) on 4 ranks, with the DTensors placed by
+the worker (:func:`run_configs_placed`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import zsharp_algos  # noqa: E402
+from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos import directions as D  # noqa: E402
+
+CONFIGS = {
+    "sam": dict(cls=SAM, rho=0.05),
+    "sam_adaptive": dict(cls=SAM, rho=0.5, adaptive=True),
+    "zsharp_global": dict(cls=ZSharp, rho=0.05, percentile=70),
+    "zsharp_tensor": dict(cls=ZSharp, rho=0.05, percentile=95, scope="tensor"),
+    "zsharp_adaptive": dict(cls=ZSharp, rho=0.5, percentile=70, adaptive=True),
+    "zsharp_interval2": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2),
+}
+STEPS = 3
+
+
+class Net(nn.Module):
+    """Tensors of many shapes: some with fewer rows than ranks (empty shards), a 1-entry one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 64)
+        self.norm = nn.LayerNorm(64)
+        self.hidden = nn.Linear(64, 48)
+        self.head = nn.Linear(48, 3)  # 3 rows: on 4 ranks one shard is empty
+        self.scale = nn.Parameter(torch.ones(1))  # 1 entry: z = 0
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.inp(x)))
+        return self.head(torch.relu(self.hidden(h))) * self.scale
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.inp, model.hidden, model.head):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def batches(n, size=16):
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randn(size, 12, generator=g), torch.randn(size, 3, generator=g)) for _ in range(n)]
+
+
+def make_opt(cfg, params):
+    kw = {k: v for k, v in cfg.items() if k != "cls"}
+    return cfg["cls"](params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw)
+
+
+def grad_factor(mesh, dp_rank, dp_size):
+    """The factor FSDP2 leaves on reduce-scattered gradients on this build (gloo sums them in
+    torch 2.7 instead of averaging): the sharded gradient / the full-batch mean's."""
+    probe = shard(make_model(), mesh)
+    ref = make_model()
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(probe(x.chunk(dp_size)[dp_rank]), y.chunk(dp_size)[dp_rank]).backward()
+    nn.functional.mse_loss(ref(x), y).backward()
+    ratio = probe.inp.weight.grad.full_tensor().norm() / ref.inp.weight.grad.norm()
+    return float(round(float(ratio)))
+
+
+def train(model, opt, data, dp_rank, dp_size, factor, start=0):
+    """Steps ``start..`` of a closure loop; the reference (dp_size=1) scales its loss by
+    ``factor`` so both take the same step."""
+    for x, y in data[start:]:
+        xs, ys = x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xs), ys) * factor
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rel_diffs(sharded, ref):
+    out = {}
+    for (name, p), q in zip(sharded.named_parameters(), ref.parameters()):
+        w = full(p.detach())
+        out[name] = float((w - q.detach()).norm() / q.detach().norm().clamp(min=1e-30))
+    return out
+
+
+def bits(t: torch.Tensor) -> list[int]:
+    return [struct.unpack("<I", struct.pack("<f", float(v)))[0] for v in t.reshape(-1).float().tolist()]
+
+
+class Recorder:
+    """Captures the thresholds and norms of each filter call (replicated results)."""
+
+    def __init__(self):
+        self.thresholds, self.norms = [], []
+        self._apply = D._apply_masks
+        self._scale = zsharp_algos.engine._scale_into_perturbation
+
+    def __enter__(self):
+        def apply(ws, thresholds, *a, **k):
+            self.thresholds.append(thresholds.clone())
+            return self._apply(ws, thresholds, *a, **k)
+
+        def scale(params, grads, owners, norms):
+            self.norms.append(norms.clone())
+            return self._scale(params, grads, owners, norms)
+
+        D._apply_masks = apply
+        zsharp_algos.engine._scale_into_perturbation = scale
+        return self
+
+    def __exit__(self, *exc):
+        D._apply_masks = self._apply
+        zsharp_algos.engine._scale_into_perturbation = self._scale
+
+
+def run_configs(mesh, dp_rank, dp_size, factor):
+    data = batches(STEPS)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        sharded = shard(make_model(), mesh)
+        ref = make_model()
+        opt_s, opt_r = make_opt(cfg, sharded.parameters()), make_opt(cfg, ref.parameters())
+        with Recorder() as rec:
+            train(sharded, opt_s, data, dp_rank, dp_size, 1.0)
+        train(ref, opt_r, data, 0, 1, factor)
+        diffs = rel_diffs(sharded, ref)
+        out[name] = {
+            "max_rel_diff": max(diffs.values()),
+            "rel_diffs": diffs,
+            "replicated_bits": [bits(t) for t in rec.thresholds + rec.norms],
+            "step_count": opt_s.step_count,
+            "stats": {k: v for k, v in opt_s.stats.pop().items()},
+            "stats_ref": {k: v for k, v in opt_r.stats.pop().items()},
+        }
+    return out
+
+
+def run_configs_placed(mesh):
+    """As :func:`run_configs` with DTensor parameters placed directly on ``mesh`` (HSDP's
+    ``(Replicate(), Shard(0))`` on a 2-D mesh) and each pass's gradient that of the whole batch,
+    computed on an unsharded copy at the current (gathered) weights and distributed likewise.
+    FSDP2's own HSDP cannot run on CPU with torch 2.7 (its post-backward asserts a stream
+    event, which CPU devices do not record), so this drives the optimizer on the same layout."""
+    from torch.distributed.tensor import distribute_tensor
+
+    placements = mesh_placements(mesh)
+    data = batches(STEPS)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        ref = make_model()
+        worker = make_model()  # computes each pass's gradient at the gathered weights
+        params = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, placements)) for p in make_model().parameters()]
+        opt_s, opt_r = make_opt(cfg, params), make_opt(cfg, ref.parameters())
+        with Recorder() as rec:
+            for x, y in data:
+
+                def closure():
+                    with torch.no_grad():
+                        for w, p in zip(worker.parameters(), params):
+                            w.copy_(p.full_tensor())
+                    worker.zero_grad()
+                    loss = nn.functional.mse_loss(worker(x), y)
+                    loss.backward()
+                    for w, p in zip(worker.parameters(), params):
+                        p.grad = distribute_tensor(w.grad, mesh, placements)
+                    return loss
+
+                opt_s.step(closure)
+        train(ref, opt_r, data, 0, 1, 1.0)
+        diffs = {}
+        for i, (p, q) in enumerate(zip(params, ref.parameters())):
+            diffs[str(i)] = float((p.detach().full_tensor() - q.detach()).norm() / q.detach().norm().clamp(min=1e-30))
+        out[name] = {
+            "max_rel_diff": max(diffs.values()),
+            "rel_diffs": diffs,
+            "replicated_bits": [bits(t) for t in rec.thresholds + rec.norms],
+            "step_count": opt_s.step_count,
+        }
+    return out
+
+
+def mask_checks(mesh):
+    """The filter alone on the gradients of one backward: sharded mask vs unsharded mask."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    torch.manual_seed(7)
+    shapes = [(64, 12), (64,), (48, 64), (3, 48), (3,), (1,), (200, 30)]
+    fulls = [torch.randn(s) * (1 + i) + 0.1 * i for i, s in enumerate(shapes)]
+    placements = mesh_placements(mesh)
+    for name, cfg in CONFIGS.items():
+        if cfg["cls"] is not ZSharp or "interval" in cfg:
+            continue
+        direction = D.ZScoreDirection(cfg["percentile"], cfg.get("scope", "global"))
+        adaptive = [cfg.get("adaptive", False)] * len(shapes)
+        weights = [torch.randn(s) for s in shapes]
+        ref_grads = [g.clone() for g in fulls]
+        with Recorder() as ref_rec:
+            direction(weights, ref_grads, adaptive=adaptive)
+        segments = [g for g in fulls if g.dim() > 1] if direction.scope == "tensor" else fulls
+        near = ties(segments, ref_rec.thresholds[0])
+        dts = [distribute_tensor(g.clone(), mesh, placements) for g in fulls]
+        dws = [distribute_tensor(w.clone(), mesh, placements) for w in weights]
+        shards = zsharp_algos.sharding.shards_of(dws)
+        grads_local = [zsharp_algos.sharding.local(g) for g in dts]
+        with Recorder() as rec:
+            norms = direction([zsharp_algos.sharding.local(w) for w in dws], grads_local, adaptive=adaptive, shards=shards)
+        got = [full(g) for g in dts]  # the local shards were written in place
+        differ = sum(int(((a != 0) != (b != 0)).sum()) for a, b in zip(got, ref_grads))
+        out[name] = {
+            "differ": differ,
+            "entries": sum(g.numel() for g in fulls),
+            "kept": sum(int((g != 0).sum()) for g in got),
+            "near_threshold": near,
+            "norms_bits": bits(norms) + [b for t in rec.thresholds for b in bits(t)],
+            "values_max_rel": max(
+                float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(got, ref_grads)
+            ),
+        }
+    return out
+
+
+def ties(segments, thresholds, rel=1e-5):
+    """Entries whose |z| (float64, from scratch) lies within ``rel`` of their tensor's threshold:
+    where a round-off difference in the mean or std may decide the mask either way."""
+    count = 0
+    for g, t in zip(segments, thresholds.double().tolist()):
+        g = g.double().reshape(-1)
+        if g.numel() < 2:
+            continue
+        z = ((g - g.mean()) / (g.std() + 1e-8)).abs()
+        count += int(((z - t).abs() <= rel * (1 + t)).sum())
+    return count
+
+
+def mesh_placements(mesh):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate(), Shard(0)] if mesh.ndim == 2 else [Shard(0)]
+
+
+def resume_check(mesh, dp_rank, dp_size, tmp):
+    """k steps, save (DCP), fresh objects, load, the rest: bitwise equal to the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    cfg = dict(cls=ZSharp, rho=0.05, percentile=70, interval=2)
+    data = batches(5)
+    model = shard(make_model(), mesh)
+    opt = make_opt(cfg, model.parameters())
+    train(model, opt, data, dp_rank, dp_size, 1.0)
+    straight = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+    model = shard(make_model(), mesh)
+    opt = make_opt(cfg, model.parameters())
+    train(model, opt, data[:3], dp_rank, dp_size, 1.0)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    dist.barrier()
+
+    model = shard(make_model(seed=99), mesh)  # other weights: the load must replace them
+    opt = make_opt(cfg, model.parameters())
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=tmp)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    resumed_count = opt.step_count
+    train(model, opt, data, dp_rank, dp_size, 1.0, start=3)
+    equal = all(torch.equal(full(p.detach()), straight[n]) for n, p in model.named_parameters())
+    return {"bitwise_equal": equal, "step_count_after_load": resumed_count, "step_count": opt.step_count}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mesh", default="flat", choices=["flat", "2x2"])
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if args.mesh == "2x2":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    dp_rank, dp_size = rank, world
+    if args.mesh == "2x2":
+        result = {"world": world, "mesh": [2, world // 2], "runs": run_configs_placed(mesh)}
+    else:
+        factor = grad_factor(mesh, dp_rank, dp_size)
+        result = {"world": world, "factor": factor, "runs": run_configs(mesh, dp_rank, dp_size, factor)}
+    result["masks"] = mask_checks(mesh)
+    if args.resume:
+        result["resume"] = resume_check(mesh, dp_rank, dp_size, os.path.join(args.out, "ckpt"))
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
