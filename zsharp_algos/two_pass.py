@@ -22,6 +22,11 @@ first pass never all-reduces (each rank perturbs with its own gradient, as Compo
 paper's data-parallel variant do). The framework's ``optimizer.step()`` is then the optimizer's
 step without a closure: the base step.
 
+Under FSDP2 (the parameters are DTensors) the first pass is not ``no_sync``-ed: a rank holds
+only its shard of the gradient, which FSDP produces by reduce-scattering the global batch's, so
+every rank perturbs along the same, global gradient (:mod:`zsharp_algos.sharding`), and an
+overflow seen on any rank skips the perturbation on all of them.
+
 Overflow: if the first pass's gradient has inf/NaN under a loss scaler, no perturbation is made
 and the gradient is poisoned (set to inf) *before* the second backward, so the poison travels
 through the all-reduce and every rank's scaler skips the step and backs off (and a prepared
@@ -42,6 +47,7 @@ from torch import Tensor, nn
 from ._tensors import group_by_device_dtype
 from .batchnorm import frozen_norm_stats
 from .optimizer import SharpnessAwareOptimizer
+from .sharding import is_sharded, local
 
 __all__ = ["two_pass_backward", "find_sharpness_optimizer"]
 
@@ -81,9 +87,12 @@ def two_pass_backward(
     """
     if not optimizer.is_sharpness_step():
         return run_pass()
-    if no_sync is None:
-        no_sync = getattr(model, "no_sync", nullcontext)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharded = any(is_sharded(p) for p in params)
+    if sharded:  # FSDP2: only the reduce-scattered first pass gives each rank its shard
+        no_sync = nullcontext
+    elif no_sync is None:
+        no_sync = getattr(model, "no_sync", nullcontext)
     held = [p.grad for p in params]
     for p in params:
         p.grad = None
@@ -93,7 +102,7 @@ def two_pass_backward(
                 first = run_pass()
             first_grads = [p.grad for p in params if p.grad is not None]
             scaled = scaler is not None and _is_enabled(scaler)
-            overflow = scaled and bool(first_grads) and _unscale_and_check(first_grads, scaler)
+            overflow = scaled and bool(first_grads) and _unscale_and_check(first_grads, scaler, sharded)
             if not overflow:
                 # The first pass's gradient is dead once e is formed: its memory may hold w + e.
                 optimizer.first_step(zero_grad=True)
@@ -117,17 +126,23 @@ def _is_enabled(scaler: Any) -> bool:
 
 
 @torch.no_grad()
-def _unscale_and_check(grads: list[Tensor], scaler: Any) -> bool:
-    """Divide ``grads`` by the scaler's current scale in place; True if any is inf/NaN."""
+def _unscale_and_check(grads: list[Tensor], scaler: Any, sharded: bool = False) -> bool:
+    """Divide ``grads`` by the scaler's current scale in place; True if any is inf/NaN (on
+    any rank, when ``sharded``: every rank must then skip the perturbation together)."""
     inv_scale = 1.0 / float(scaler.get_scale())
-    found_any = False
+    grads = [local(g) for g in grads]
+    found_any = torch.zeros((), dtype=torch.float32, device=grads[0].device)
     for _, (gs,) in group_by_device_dtype(grads):
         device = gs[0].device
         found = torch.zeros(1, dtype=torch.float32, device=device)
         inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)
-        found_any = found_any or bool(found)
-    return found_any
+        found_any = torch.maximum(found_any, found.to(found_any.device).reshape(()))
+    if sharded:
+        import torch.distributed as dist
+
+        dist.all_reduce(found_any, op=dist.ReduceOp.MAX)
+    return bool(found_any)
 
 
 @torch.no_grad()
