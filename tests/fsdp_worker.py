@@ -278,6 +278,54 @@ def mesh_placements(mesh):
     return [Replicate(), Shard(0)] if mesh.ndim == 2 else [Shard(0)]
 
 
+def refusal_checks(mesh, world):
+    """Layouts the optimizers refuse: the error (same on every rank, before any collective) and
+    whether the weights are exactly as they were."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    out = {}
+    x, y = batches(1)[0]
+
+    def attempt(params, loss_fn):
+        before = [full(p.detach()).clone() for p in params]
+        opt = ZSharp(params, torch.optim.SGD, lr=0.1)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        try:
+            opt.step(closure)
+            error = None
+        except ValueError as err:
+            error = str(err)
+        same = all(torch.equal(full(p.detach()), b) for p, b in zip(params, before))
+        return {"error": error, "weights_unchanged": same}
+
+    # the layers sharded, the root not: its own parameters (scale) stay plain tensors
+    model = make_model()
+    for layer in (model.inp, model.hidden, model.head):
+        fully_shard(layer, mesh=mesh)
+    model.norm.weight.requires_grad_(False)
+    model.norm.bias.requires_grad_(False)
+    out["mixed"] = attempt([p for p in model.parameters() if p.requires_grad],
+                           lambda: nn.functional.mse_loss(model(x), y))
+    # tensor parallel style: sharded over two mesh dimensions
+    mesh2 = init_device_mesh("cpu", (2, world // 2))
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh2, [Shard(0), Shard(1)]))
+    out["two_shard_dims"] = attempt([w], lambda: (w * w).sum())
+    # a Partial placement
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]))
+    partial = torch.distributed.tensor.DTensor.from_local(torch.randn(8, 8), mesh, [Partial()])
+    q = nn.Parameter(partial)
+    out["partial"] = attempt([w, q], lambda: (w * w).sum() + (q * q).sum())
+    return out
+
+
 def resume_check(mesh, dp_rank, dp_size, tmp):
     """k steps, save (DCP), fresh objects, load, the rest: bitwise equal to the uninterrupted run."""
     import torch.distributed.checkpoint as dcp
@@ -331,6 +379,7 @@ def main():
         result = {"world": world, "factor": factor, "runs": run_configs(mesh, dp_rank, dp_size, factor)}
     result["masks"] = mask_checks(mesh)
     if args.resume:
+        result["refusals"] = refusal_checks(mesh, world)
         result["resume"] = resume_check(mesh, dp_rank, dp_size, os.path.join(args.out, "ckpt"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -93,3 +93,36 @@ def test_hsdp_layout_on_a_2x2_mesh(tmp_path):
     results = launch(tmp_path, 4, "--mesh", "2x2")
     assert results[0]["mesh"] == [2, 2]
     check_runs(results)
+
+
+def test_unsupported_layouts_are_refused_before_any_weight_changes(two_ranks):
+    expected = {"mixed": "apply fully_shard to the root module", "two_shard_dims": "not tensor parallelism",
+                "partial": "not Partial"}
+    for r in two_ranks:
+        for case, text in expected.items():
+            got = r["refusals"][case]
+            assert got["error"] is not None and text in got["error"], (case, got)
+            assert got["weights_unchanged"], case
+
+
+def test_fsdp1_flat_parameters_are_refused_naming_fsdp2():
+    from torch import nn
+
+    from zsharp_algos import SAM
+
+    class FlatParameter(nn.Parameter):  # what FSDP1 (FullyShardedDataParallel) hands optimizers
+        pass
+
+    flat = FlatParameter(torch.randn(10))
+    opt = SAM([flat], torch.optim.SGD, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (flat * flat).sum()
+        loss.backward()
+        return loss
+
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match="FSDP1 flat parameters.*fully_shard"):
+        opt.step(closure)
+    assert torch.equal(flat.detach(), before)

@@ -22,9 +22,10 @@ same bits on every rank: an all-reduce hands every rank the same sums.
 The first pass's gradient is FSDP's reduce-scattered one, i.e. the gradient of the global batch:
 every rank perturbs along the same, global direction (as DDP's synchronised first pass).
 
-Not covered (refused with a message): parameters sharded over more than one mesh dimension
-(tensor parallelism), ``Partial`` placements, and a model whose perturbed parameters mix
-DTensors and plain tensors (wrap the root module with ``fully_shard`` too).
+Not covered (refused with a message, before any weight changes): parameters sharded over more
+than one mesh dimension (tensor parallelism), ``Partial`` placements, FSDP2's CPU offload
+(shards on the CPU, mesh on the GPU), FSDP1's flat parameters, and a model whose perturbed
+parameters mix DTensors and plain tensors (wrap the root module with ``fully_shard`` too).
 """
 from __future__ import annotations
 
@@ -103,6 +104,13 @@ def shards_of(params: Sequence[Tensor]) -> Shards | None:
     a mix, on more than one shard dimension, on different meshes and on ``Partial``."""
     flags = [is_sharded(p) for p in params]
     if not any(flags):
+        if any(type(p).__name__ == "FlatParameter" for p in params):
+            raise ValueError(
+                "these parameters are FSDP1 flat parameters (FullyShardedDataParallel): sharpness-aware "
+                "optimizers need each tensor whole or as an FSDP2 shard; use FSDP2 (torch.distributed.fsdp."
+                "fully_shard; accelerate fsdp_version: 2; transformers fsdp_config version 2; Composer "
+                "parallelism_config={'fsdp2': ...})"
+            )
         return None
     if not all(flags):
         plain = sum(not f for f in flags)
@@ -127,6 +135,12 @@ def shards_of(params: Sequence[Tensor]) -> Shards | None:
                 f"a parameter is sharded over {len(dims)} mesh dimensions ({p.placements}): "
                 "sharpness-aware optimizers support FSDP2 and HSDP (one shard dimension), not tensor "
                 "parallelism"
+            )
+        if p._local_tensor.device.type != p.device_mesh.device_type:
+            raise ValueError(
+                f"a parameter's shard is on {p._local_tensor.device.type} while its mesh is on "
+                f"{p.device_mesh.device_type} (FSDP2 CPU offload): sharpness-aware optimizers do not support "
+                "offloaded parameters yet; drop offload_policy=CPUOffloadPolicy()"
             )
         dim = dims[0] if dims else None
         if mesh is None:
