@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import os
 import socket
@@ -148,15 +149,36 @@ def test_algorithm_state_is_plain_and_repr_deterministic(tmp_path):
         ZSharpAlgorithm(percentile=100)
 
 
-def test_refuses_fsdp_and_sharpness_optimizers_at_construction():
+def test_refuses_fsdp1_and_sharpness_optimizers_at_construction():
     model = mlp()
     data = DataLoader(TensorDataset(*make_data(8)), batch_size=4)
     common = dict(model=ComposerClassifier(model, num_classes=NUM_CLASSES), train_dataloader=data, device="cpu")
-    with pytest.raises(ValueError, match="supports single-process or DDP.*FSDP"):
+    with pytest.raises(ValueError, match=r"supports single-process, DDP or FSDP2.*FSDP1.*FSDP2Config"):
         Trainer(**common, optimizers=sgd(model.parameters()), algorithms=[ZSharpAlgorithm()],
-                parallelism_config={"fsdp": {}})
+                parallelism_config={"fsdp": {}})  # Composer 0.32 reads a plain dict as FSDP1
     with pytest.raises(TypeError, match="plain base optimizer"):
         Trainer(**common, optimizers=ZSharp(sgd(model.parameters())), algorithms=[ZSharpAlgorithm()])
+
+
+def test_check_supported_accepts_fsdp2_only():
+    from types import SimpleNamespace
+
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig, TPConfig
+
+    from zsharp_algos.composer.algorithm import check_supported
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSDP2 Config/APIs are experimental")
+        fsdp2 = FSDP2Config()
+    check_supported(SimpleNamespace(fsdp_config=fsdp2), "ZSharpAlgorithm")  # no error
+    check_supported(SimpleNamespace(fsdp_config=None), "ZSharpAlgorithm")
+    with pytest.raises(ValueError, match=r"FSDP1.*FSDP2Config"):
+        check_supported(SimpleNamespace(fsdp_config=FSDPConfig()), "ZSharpAlgorithm")
+    for state, what in [(SimpleNamespace(fsdp_config=fsdp2, tp_config=TPConfig()), "tensor parallelism"),
+                        (SimpleNamespace(deepspeed_config={"zero": 3}), "DeepSpeed"),
+                        (SimpleNamespace(device=SimpleNamespace(dist_backend="xla")), "XLA")]:
+        with pytest.raises(ValueError, match=what):
+            check_supported(state, "SAMAlgorithm")
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -291,6 +313,21 @@ def test_two_ranks_end_bitwise_equal(tmp_path):
         assert len(momentum) == len(params(rank0))
         for a, b in zip(momentum, [s["momentum_buffer"] for s in rank1["optimizer"]["state"].values()]):
             assert torch.equal(a, b)
+
+
+def test_fsdp2_on_two_ranks_matches_the_unsharded_loop(tmp_path):
+    """2 gloo processes, Composer's FSDP2 (``fully_shard`` on the model's children and root):
+    the optimizers step DTensor parameters, keep a work buffer of the local shard's size, and
+    end at the weights of the core optimizer on the whole global batches (float32 round-off)."""
+    steps, algorithms = 4, ["zsharp", "zsharp_tensor", "sam_interval2"]
+    launch_two_ranks(ROOT / "tests" / "composer_fsdp_worker.py", str(tmp_path), str(steps), *algorithms)
+    for name in algorithms:
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
+        for r in ranks:
+            assert r["dtensor"] and r["same_as_model"] and r["step_count"] == steps, (name, r)
+            assert r["buffer_nbytes"] == r["local_param_nbytes"] < r["global_param_nbytes"], (name, r)
+        assert sum(r["local_param_nbytes"] for r in ranks) == ranks[0]["global_param_nbytes"]
+        assert ranks[0]["max_rel_diff"] <= 1e-6, (name, ranks[0]["rel_diffs"])
 
 
 # --------------------------------------------------------------------------- fp16 protocol

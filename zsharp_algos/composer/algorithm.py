@@ -31,7 +31,7 @@ from .optimizer import ComposerSAM, ComposerZSharp, TrainerClosureMixin
 __all__ = ["SharpnessAwareAlgorithm", "SAMAlgorithm", "ZSharpAlgorithm"]
 
 SUPPORTED = (
-    "single-process or DDP data-parallel training (CPU with gloo, GPUs with nccl), "
+    "single-process, DDP or FSDP2 data-parallel training (CPU with gloo, GPUs with nccl), "
     "precision fp32, amp_bf16 or amp_fp16"
 )
 
@@ -149,6 +149,7 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
         sync_first_pass (bool): all-reduce the first pass's gradients under DDP. Default ``False``:
             each rank perturbs along its own gradient (Composer's choice: cheaper, and reported to
             help slightly); the second pass is always all-reduced, so replicas stay identical.
+            Under FSDP2 the first pass is always reduce-scattered.
         log_interval (int): every ``log_interval`` batches, log the ``sharpness/*`` statistics
             (``grad_norm``, ``perturbation_norm``, ``perturbed_fraction``, ``loss_gap``; this
             rank's, averaged over the sharpness steps since the last log, see
@@ -158,7 +159,7 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
     When to use: image classifiers (ResNets, ViTs) where generalisation or robustness to label
     noise matters more than throughput; it composes with the trainer's own optimizer, schedule,
     gradient accumulation (``device_train_microbatch_size``: the perturbation uses the whole
-    batch's gradient), gradient clipping and DDP.
+    batch's gradient), gradient clipping, DDP and FSDP2.
 
     Cost: a sharpness step runs forward and backward twice, so about ``1 + 1/interval`` times
     the compute of the baseline; memory: one extra copy of the trainable weights.
@@ -167,7 +168,14 @@ class SAMAlgorithm(SharpnessAwareAlgorithm):
     closure-aware grad scaler (a step whose passes overflow on any rank is skipped, weights
     exactly as before). Composer allows only fp32 on CPU.
 
-    Not supported (a clear error at Trainer construction): FSDP, tensor parallelism, XLA.
+    FSDP2 (``parallelism_config={"fsdp": FSDP2Config(...)}``, ``FSDP2Config`` from
+    ``composer.utils.parallelism``): the optimizers work on the local shards and complete norms
+    and ZSharp's thresholds across the shard group (:mod:`zsharp_algos.sharding`), so the step
+    equals the unsharded one; the work buffer holds the local shard only. The first pass's
+    gradient is FSDP's reduce-scattered one (``sync_first_pass`` has no effect there).
+
+    Not supported (a clear error at Trainer construction): FSDP1 (use FSDP2), tensor
+    parallelism, DeepSpeed, XLA.
 
     Example:
         .. code-block:: python
@@ -217,8 +225,13 @@ class ZSharpAlgorithm(SharpnessAwareAlgorithm):
 def check_supported(state: State, who: str) -> None:
     """Raise :class:`ValueError` naming what is supported if the trainer is set up otherwise."""
     problems = []
-    if getattr(state, "fsdp_config", None) is not None:
-        problems.append("FSDP (the perturbation needs whole-model gradient norms and thresholds, not shards)")
+    fsdp = getattr(state, "fsdp_config", None)
+    if fsdp is not None and not _is_fsdp2(fsdp):
+        problems.append(
+            "FSDP1 (FullyShardedDataParallel's flat parameters; use FSDP2 instead: "
+            'parallelism_config={"fsdp": FSDP2Config(...)} with composer.utils.parallelism.FSDP2Config, '
+            "or FSDP_VERSION=2 in the environment with the same fsdp dict)"
+        )
     if getattr(state, "tp_config", None) is not None:
         problems.append("tensor parallelism")
     if getattr(getattr(state, "device", None), "dist_backend", None) == "xla":
@@ -227,6 +240,14 @@ def check_supported(state: State, who: str) -> None:
         problems.append("DeepSpeed")
     if problems:
         raise ValueError(f"{who} supports {SUPPORTED}; this trainer uses {'; '.join(problems)}")
+
+
+def _is_fsdp2(config: Any) -> bool:
+    try:
+        from composer.utils.parallelism import FSDP2Config
+    except ImportError:  # a Composer without FSDP2
+        return False
+    return isinstance(config, FSDP2Config)
 
 
 @contextmanager

@@ -1,0 +1,142 @@
+"""One rank of a Composer run under FSDP2, for tests/test_composer.py.
+
+Run as 2 gloo ranks (started by the test with the launcher's environment variables, as
+``torchrun`` sets it up: ``python tests/composer_fsdp_worker.py OUT_DIR STEPS ALGORITHM...``).
+For each algorithm in turn every rank trains a small MLP with Composer's Trainer,
+``parallelism_config={"fsdp": FSDP2Config()}`` (``fully_shard`` on the model's children and its
+root), on its shard of a fixed data set; rank 0 also trains an unsharded copy with the core
+optimizer in a plain loop on the whole global batches (the reference). Each rank writes
+``OUT_DIR/{ALGORITHM}-rank{RANK}.json``: whether the trained parameters were DTensors, the
+largest relative weight difference to the reference (rank 0), the optimizer's step count, and
+the work buffer's bytes next to the local shard's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from composer import Trainer
+from composer.models import ComposerClassifier
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos.composer import SAMAlgorithm, ZSharpAlgorithm  # noqa: E402
+
+NUM_CLASSES, PER_RANK = 5, 8
+ALGORITHMS = {
+    "zsharp": (ZSharpAlgorithm, ZSharp, dict(rho=0.05, percentile=70)),
+    "zsharp_tensor": (ZSharpAlgorithm, ZSharp, dict(rho=0.05, percentile=95, scope="tensor")),
+    "sam_interval2": (SAMAlgorithm, SAM, dict(rho=0.05, interval=2)),
+}
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                         nn.Linear(16, NUM_CLASSES))
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def data(steps: int, world: int):
+    gen = torch.Generator().manual_seed(0)
+    n = steps * PER_RANK * world
+    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+
+
+def gradient_factor(world: int) -> float:
+    """The factor FSDP2 leaves on reduce-scattered gradients on this build (torch 2.7 on gloo
+    sums them instead of averaging): a sharded Linear's gradient over the full-batch mean's."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    ref = nn.Linear(4, 4)
+    probe = nn.Linear(4, 4)
+    probe.load_state_dict(ref.state_dict())
+    fully_shard(probe)
+    x = torch.randn(2 * world, 4, generator=torch.Generator().manual_seed(3))
+    rank = dist.get_global_rank()
+    probe(x.chunk(world)[rank]).square().mean().backward()
+    ref(x).square().mean().backward()
+    return float(round(float(probe.weight.grad.full_tensor().norm() / ref.weight.grad.norm())))
+
+
+def reference(optimizer_cls, kwargs, x, y, steps, world, factor):
+    model = mlp()
+    opt = optimizer_cls(sgd(model.parameters()), model=model, **kwargs)
+    size = PER_RANK * world
+    for i in range(steps):
+        xb, yb = x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb) * factor
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model
+
+
+def run(out_dir: str, name: str, steps: int, factor: float) -> None:
+    algorithm_cls, optimizer_cls, kwargs = ALGORITHMS[name]
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    x, y = data(steps, world)
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(dataset, batch_size=PER_RANK, sampler=dist.get_sampler(dataset, shuffle=False))
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSDP2 Config/APIs are experimental")
+        config = FSDP2Config()
+    trainer = Trainer(
+        model=ComposerClassifier(model, num_classes=NUM_CLASSES),
+        train_dataloader=loader,
+        optimizers=sgd(model.parameters()),
+        max_duration=f"{steps}ba",
+        algorithms=[algorithm_cls(**kwargs)],
+        parallelism_config={"fsdp": config},
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        seed=0,
+    )
+    trainer.fit()
+    opt = trainer.state.optimizers[0]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    result = {
+        "optimizer": type(opt).__name__,
+        "dtensor": all(hasattr(p, "full_tensor") for p in params) and len(params) == len(list(model.parameters())),
+        "same_as_model": {id(p) for p in params} == {id(p) for p in model.parameters()},
+        "step_count": opt.step_count,
+        "buffer_nbytes": opt.engine.placement.buffer.nbytes,
+        "local_param_nbytes": sum(p.to_local().numel() * p.element_size() for p in params),
+        "global_param_nbytes": sum(p.numel() * p.element_size() for p in params),
+        "factor": factor,
+    }
+    full = [p.detach().full_tensor() for p in model.parameters()]  # collective: every rank
+    if rank == 0:
+        ref = reference(optimizer_cls, kwargs, x, y, steps, world, factor)
+        result["rel_diffs"] = [float((w - q.detach()).norm() / q.detach().norm()) for w, q in zip(full, ref.parameters())]
+        result["max_rel_diff"] = max(result["rel_diffs"])
+    with open(os.path.join(out_dir, f"{name}-rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    trainer.close()
+
+
+if __name__ == "__main__":
+    out, steps = sys.argv[1], int(sys.argv[2])
+    dist.initialize_dist("cpu")
+    factor = gradient_factor(dist.get_world_size())
+    for algorithm in sys.argv[3:]:
+        run(out, algorithm, steps, factor)
