@@ -59,9 +59,11 @@ SUPPORTED = (
     "(also '64-true', '16-true', 'bf16-true')"
 )
 _SHARDED = (
-    "sharded training (FSDP, DeepSpeed, tensor/model parallelism) is not supported yet: the perturbation "
-    "needs the norm (and ZSharp its thresholds) over the whole model, not over each rank's shard; use "
-    "strategy='ddp'"
+    "sharded training is not supported by the Lightning integration yet (Lightning's FSDPStrategy is FSDP1, "
+    "FullyShardedDataParallel's flat parameters; its ModelParallelStrategy, FSDP2 and tensor parallelism, "
+    "is not supported yet; DeepSpeed neither); use strategy='ddp' here. The core optimizers support FSDP2 "
+    "(torch.distributed.fsdp.fully_shard) in a plain PyTorch loop, with Accelerate, the Hugging Face "
+    "Trainer and Composer"
 )
 
 
