@@ -40,6 +40,11 @@ CONFIGS = {
     "zsharp_tensor": dict(cls=ZSharp, rho=0.05, percentile=95, scope="tensor"),
     "zsharp_adaptive": dict(cls=ZSharp, rho=0.5, percentile=70, adaptive=True),
     "zsharp_interval2": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2),
+    # FSDP2 options: weights kept unsharded between forward and backward; bf16 compute (the
+    # shards stay float32, the second pass computes in bf16 at the all-gathered w + e)
+    "zsharp_no_reshard": dict(cls=ZSharp, rho=0.05, percentile=70, fsdp=dict(reshard_after_forward=False)),
+    "sam_bf16_policy": dict(cls=SAM, rho=0.05, fsdp=dict(mp="bf16")),
+    "zsharp_bf16_policy": dict(cls=ZSharp, rho=0.05, percentile=70, fsdp=dict(mp="bf16")),
 }
 STEPS = 3
 
@@ -65,12 +70,15 @@ def make_model(seed=0):
     return Net()
 
 
-def shard(model, mesh):
-    from torch.distributed.fsdp import fully_shard
+def shard(model, mesh, reshard_after_forward=True, mp=None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if mp == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in (model.inp, model.hidden, model.head):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(layer, **kw)
+    return fully_shard(model, **kw)
 
 
 def batches(n, size=16):
@@ -78,8 +86,21 @@ def batches(n, size=16):
     return [(torch.randn(size, 12, generator=g), torch.randn(size, 3, generator=g)) for _ in range(n)]
 
 
+class Bf16Compute(nn.Module):
+    """What FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16)`` computes, unsharded: the forward
+    on bf16 casts of the float32 weights and of the inputs, the gradient cast back to float32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        params = {n: p.to(torch.bfloat16) for n, p in self.model.named_parameters()}
+        return torch.func.functional_call(self.model, params, (x.to(torch.bfloat16),))
+
+
 def make_opt(cfg, params):
-    kw = {k: v for k, v in cfg.items() if k != "cls"}
+    kw = {k: v for k, v in cfg.items() if k not in ("cls", "fsdp")}
     return cfg["cls"](params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw)
 
 
@@ -103,7 +124,7 @@ def train(model, opt, data, dp_rank, dp_size, factor, start=0):
 
         def closure():
             opt.zero_grad()
-            loss = nn.functional.mse_loss(model(xs), ys) * factor
+            loss = nn.functional.mse_loss(model(xs).float(), ys) * factor
             loss.backward()
             return loss
 
@@ -156,12 +177,15 @@ def run_configs(mesh, dp_rank, dp_size, factor):
     data = batches(STEPS)
     out = {}
     for name, cfg in CONFIGS.items():
-        sharded = shard(make_model(), mesh)
+        sharded = shard(make_model(), mesh, **cfg.get("fsdp", {}))
         ref = make_model()
         opt_s, opt_r = make_opt(cfg, sharded.parameters()), make_opt(cfg, ref.parameters())
         with Recorder() as rec:
             train(sharded, opt_s, data, dp_rank, dp_size, 1.0)
-        train(ref, opt_r, data, 0, 1, factor)
+        if cfg.get("fsdp", {}).get("mp") == "bf16":  # the reference computes in bf16 too
+            train(Bf16Compute(ref), opt_r, data, 0, 1, factor)
+        else:
+            train(ref, opt_r, data, 0, 1, factor)
         diffs = rel_diffs(sharded, ref)
         out[name] = {
             "max_rel_diff": max(diffs.values()),
@@ -186,6 +210,8 @@ def run_configs_placed(mesh):
     data = batches(STEPS)
     out = {}
     for name, cfg in CONFIGS.items():
+        if "fsdp" in cfg:  # FSDP2's own options: not in a layout placed by hand
+            continue
         ref = make_model()
         worker = make_model()  # computes each pass's gradient at the gathered weights
         params = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, placements)) for p in make_model().parameters()]
@@ -228,7 +254,7 @@ def mask_checks(mesh):
     fulls = [torch.randn(s) * (1 + i) + 0.1 * i for i, s in enumerate(shapes)]
     placements = mesh_placements(mesh)
     for name, cfg in CONFIGS.items():
-        if cfg["cls"] is not ZSharp or "interval" in cfg:
+        if cfg["cls"] is not ZSharp or "interval" in cfg or "fsdp" in cfg:
             continue
         direction = D.ZScoreDirection(cfg["percentile"], cfg.get("scope", "global"))
         adaptive = [cfg.get("adaptive", False)] * len(shapes)

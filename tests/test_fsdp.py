@@ -4,8 +4,10 @@ Each case launches ``tests/fsdp_worker.py`` on gloo CPU ranks (see its docstring
 each rank measures) and checks:
 
 * weights after 3 steps (SGD with momentum and weight decay; SAM, ASAM, ZSharp in both scopes,
-  adaptive ZSharp, ``interval=2``) equal an unsharded single-process run on the same global
-  batches within 1e-6 relative (float32 round-off: the reduce-scatter sums in another order);
+  adaptive ZSharp, ``interval=2``, ``reshard_after_forward=False``) equal an unsharded
+  single-process run on the same global batches within 1e-6 relative (float32 round-off: the
+  reduce-scatter sums in another order); under FSDP2's bf16 compute policy, a bf16 reference
+  within a few bf16 ulps;
 * the replicated results of every filter call (thresholds, norms) are the same bits on every rank;
 * ZSharp's mask computed on shards equals the unsharded filter's on the same gradients, except
   for entries at a round-off tie with the threshold (counted);
@@ -29,6 +31,10 @@ if not dist.is_available():
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fsdp_worker.py")
 TOLERANCE = 1e-6  # relative, per tensor
+# With FSDP2's bf16 compute policy the reference computes in bf16 too (tests/fsdp_worker.py's
+# Bf16Compute), but the reductions differ: a few bf16 ulps (measured <= 1.3e-2). Dropping the
+# perturbation would move the weights by up to 0.43 relative (SAM vs plain SGD, same runs).
+BF16_TOLERANCE = 3e-2
 
 
 def _env():
@@ -51,7 +57,7 @@ def check_runs(results: list[dict]) -> None:
     first = results[0]
     for name, run in first["runs"].items():
         assert run["step_count"] == 3, name
-        assert run["max_rel_diff"] <= TOLERANCE, (name, run["rel_diffs"])
+        assert run["max_rel_diff"] <= (BF16_TOLERANCE if "bf16" in name else TOLERANCE), (name, run["rel_diffs"])
         for other in results[1:]:
             assert other["runs"][name]["replicated_bits"] == run["replicated_bits"], f"{name}: ranks disagree"
         assert run["replicated_bits"], name  # the recorder saw the filter calls
@@ -74,6 +80,8 @@ def test_two_ranks_equal_the_unsharded_run(two_ranks):
 def test_sharded_statistics_are_those_of_the_whole_model(two_ranks):
     # the reference scales its loss by the factor FSDP2 leaves on gloo, so the gradients agree
     for name, run in two_ranks[0]["runs"].items():
+        if "bf16" in name:
+            continue  # bf16 gradients: the statistics agree to bf16's precision only
         got, ref = run["stats"], run["stats_ref"]
         assert set(got) == set(ref) and "sharpness/grad_norm" in got, name
         for key in ("sharpness/grad_norm", "sharpness/perturbation_norm", "sharpness/perturbed_fraction"):
