@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
+import math
 import os
 import socket
 import subprocess
@@ -194,8 +196,35 @@ def test_step_without_the_passes_is_refused_and_bad_setups_too():
     class FakeAccelerator:
         distributed_type = accelerate.utils.DistributedType.DEEPSPEED
 
-    with pytest.raises(ValueError, match="DEEPSPEED"):
+    with pytest.raises(ValueError, match="DEEPSPEED mode; supported: .* FSDP2 .*fsdp_version: 2"):
         TwoPassBackward(FakeAccelerator(), SAM(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+def _fsdp_accelerator(**plugin):
+    """An Accelerator in accelerate's FSDP mode with ``plugin``'s settings, set on the state as
+    integrations/accelerate/train.py does on CPUs (accelerate sets FSDP up only on accelerators)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def test_fsdp1_and_fsdp2_with_cpu_offload_are_refused_fsdp2_accepted():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    make = lambda: ZSharp(torch.optim.SGD(model.parameters(), lr=0.1))  # noqa: E731
+    with pytest.raises(ValueError, match=r"FSDP version 1 .*use FSDP2: `fsdp_version: 2` in the accelerate config"):
+        TwoPassBackward(_fsdp_accelerator(fsdp_version=1), make())
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match="FSDP2 with CPU offload"):
+        TwoPassBackward(_fsdp_accelerator(fsdp_version=2, cpu_offload=True), make())
+    reset_accelerate_state()
+    accelerator = _fsdp_accelerator(fsdp_version=2)
+    assert accelerator.is_fsdp2
+    assert TwoPassBackward(accelerator, make()).sharpness is not None
+    assert_same(model.state_dict(), before)
 
 
 def test_state_dict_roundtrip_keeps_interval_phase():
@@ -309,11 +338,67 @@ def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
     assert_same(resumed, uninterrupted)
 
 
+def _env():
+    # launcher variables left by in-process distributed tests would confuse the launched processes
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith(("TORCHELASTIC", "PL_", "ACCELERATE_", "FSDP_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_example_script_under_fsdp2_equals_the_single_process_run(tmp_path):
+    """``accelerate launch --config_file yamls/accelerate/fsdp2_cpu.yaml``: 2 CPU processes,
+    ZSharp with interval 2 and 2 micro-batches per step (sharpness steps reduce-scatter both
+    passes of the first micro-batch although accelerate put it under no_sync), against one
+    process on the same global batches. torch 2.7's FSDP2 on gloo sums the ranks' gradients
+    (2 x the mean): the perturbation does not see the factor, SGD does, so the single process
+    runs with lr x 2 and weight decay / 2, which is the same update."""
+    from safetensors.torch import load_file
+
+    main = _train_main()
+    common = ["--model", "test_vit", "--train-subset", "128", "--grad-accum", "2", "--max-steps", "3",
+              "--optim", "zsharp", "--interval", "2", "--percentile", "70", "--cpu", "--no-progress"]
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--config_file", str(ROOT / "yamls" / "accelerate" / "fsdp2_cpu.yaml"),
+           "--main_process_port", str(free_port()), str(TRAIN_SCRIPT), *common, "--batch-size", "16",
+           "--lr", "0.05", "--weight-decay", "5e-4", "--output-dir", str(tmp_path / "fsdp2")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "FSDP2 on 2 CPU processes" in done.stdout
+    sharded = json.loads((tmp_path / "fsdp2" / "summary.json").read_text())
+    assert sharded["num_processes"] == 2 and sharded["steps"] == 3
+    stats = sharded["history"][0]
+    assert stats["sharpness/perturbed_fraction"] == pytest.approx(1 - 70 / 100, abs=0.01)
+    assert math.isfinite(sharded["final"]["test_loss"])
+
+    single = _run(main, tmp_path / "single", *common, "--batch-size", "32", "--lr", "0.1", "--weight-decay", "2.5e-4")
+    got, ref = (load_file(tmp_path / run / "model.safetensors") for run in ("fsdp2", "single"))
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert (got[name] - ref[name]).norm() <= 1e-5 * ref[name].norm(), name
+    assert single["history"][0]["sharpness/grad_norm"] == pytest.approx(stats["sharpness/grad_norm"] / 2, rel=1e-4)
+    init = _initial_weights(main, common)
+    assert any(not torch.equal(init[k], got[k]) for k in got)  # it trained
+
+
+def _initial_weights(main, argv):
+    """The script's model before training (same seed, same draws before it)."""
+    script = main.__globals__
+    args = script["parse_args"](argv)
+    accelerate.utils.set_seed(args.seed)
+    _, _, num_classes = script["load_datasets"](args)
+    return script["build_model"](args.model, num_classes, args.image_size).state_dict()
+
+
 def test_accelerate_config_files_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = sorted((ROOT / "yamls" / "accelerate").glob("*.yaml"))
-    assert {c.stem for c in configs} >= {"cpu_multiprocess", "single_gpu", "multi_gpu", "apple_mps"}
+    assert {c.stem for c in configs} >= {"cpu_multiprocess", "single_gpu", "multi_gpu", "apple_mps", "fsdp2_cpu",
+                                         "fsdp2_multi_gpu"}
     for path in configs:
         config = load_config_from_file(str(path))
         assert config.mixed_precision in ("no", "bf16", "fp16"), path
+        if path.stem.startswith("fsdp2"):
+            assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2, path

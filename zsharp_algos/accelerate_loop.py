@@ -35,8 +35,18 @@ by copy. Everything after it is accelerate's stock path, so:
 *prepared* model. A plain optimizer (``--optim sgd``) is accepted too: ``backward`` is then a
 single ``accelerator.backward``, so one loop serves every ``--optim``.
 
-Not supported (refused at construction): DeepSpeed, FSDP, Megatron-LM and XLA, whose
-optimizers or sharded gradients do not fit the perturbation's whole-model view.
+FSDP2 (``fsdp_version: 2`` in the accelerate config, or
+``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))``): the same loop.
+``accelerator.prepare`` shards the model and the optimizer works on the local shards
+(:mod:`zsharp_algos.sharding`); the first pass is *not* run under ``no_sync`` but
+reduce-scattered, so every rank perturbs along the global batch's gradient (under DDP each rank
+uses its own), and a micro-batch that ``accelerator.accumulate`` put under ``no_sync`` is
+reduce-scattered anyway on sharpness steps (both passes), so that its first-pass gradient never
+mixes into the accumulated one.
+
+Not supported (refused at construction, with the way out named): FSDP1 (use FSDP2), FSDP2 with
+CPU offload, DeepSpeed, Megatron-LM and XLA, whose optimizers or sharded gradients do not fit
+the perturbation.
 """
 from __future__ import annotations
 
@@ -49,9 +59,15 @@ from torch import Tensor, nn
 from .optimizer import SharpnessAwareOptimizer
 from .two_pass import two_pass_backward
 
-__all__ = ["TwoPassBackward", "mean_over_processes", "UNSUPPORTED_DISTRIBUTED_TYPES"]
+__all__ = ["TwoPassBackward", "mean_over_processes", "unsupported_setup", "UNSUPPORTED_DISTRIBUTED_TYPES"]
 
-UNSUPPORTED_DISTRIBUTED_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+#: accelerate modes refused outright (FSDP is accepted as FSDP2 only: :func:`unsupported_setup`).
+UNSUPPORTED_DISTRIBUTED_TYPES = ("DEEPSPEED", "MEGATRON_LM", "XLA")
+
+FSDP2_HINT = (
+    "use FSDP2: `fsdp_version: 2` in the accelerate config (accelerate config / --config_file), or "
+    "Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))"
+)
 
 
 class TwoPassBackward:
@@ -68,12 +84,9 @@ class TwoPassBackward:
     """
 
     def __init__(self, accelerator: Any, optimizer: torch.optim.Optimizer):
-        kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-        if kind in UNSUPPORTED_DISTRIBUTED_TYPES or getattr(accelerator, "is_fsdp2", False):
-            raise ValueError(
-                f"sharpness-aware training does not support accelerate's {kind} mode yet "
-                "(supported: single device, multi-CPU / multi-GPU DDP)"
-            )
+        problem = unsupported_setup(accelerator)
+        if problem is not None:
+            raise ValueError(problem)
         self.accelerator = accelerator
         self.optimizer = optimizer
 
@@ -116,6 +129,33 @@ class TwoPassBackward:
         if self.sharpness is None:
             return {}
         return mean_over_processes(self.accelerator, self.sharpness.stats.pop_tensors())
+
+
+def unsupported_setup(accelerator: Any) -> str | None:
+    """Why sharpness-aware training cannot run in ``accelerator``'s mode, or None (single
+    device, DDP on CPUs or GPUs, FSDP2 without CPU offload)."""
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind == "FSDP" or getattr(accelerator, "is_fsdp2", False):
+        plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 2 if getattr(accelerator, "is_fsdp2", False) else 1)
+        if version != 2:
+            return (
+                f"sharpness-aware training (SAM / ZSharp) does not support FSDP version {version} "
+                f"(FullyShardedDataParallel wraps the parameters in flat buffers); {FSDP2_HINT}"
+            )
+        offload = getattr(plugin, "cpu_offload", None)
+        if offload is not None and type(offload).__name__ == "CPUOffloadPolicy":
+            return (
+                "sharpness-aware training (SAM / ZSharp) does not support FSDP2 with CPU offload "
+                "(fsdp_offload_params / CPUOffloadPolicy); use FSDP2 without offload"
+            )
+        return None
+    if kind in UNSUPPORTED_DISTRIBUTED_TYPES:
+        return (
+            f"sharpness-aware training (SAM / ZSharp) does not support accelerate's {kind} mode; "
+            f"supported: single device, multi-CPU / multi-GPU DDP, and FSDP2 ({FSDP2_HINT})"
+        )
+    return None
 
 
 def mean_over_processes(accelerator: Any, stats: dict[str, Tensor]) -> dict[str, float]:

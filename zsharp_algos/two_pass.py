@@ -25,7 +25,11 @@ step without a closure: the base step.
 Under FSDP2 (the parameters are DTensors) the first pass is not ``no_sync``-ed: a rank holds
 only its shard of the gradient, which FSDP produces by reduce-scattering the global batch's, so
 every rank perturbs along the same, global gradient (:mod:`zsharp_algos.sharding`), and an
-overflow seen on any rank skips the perturbation on all of them.
+overflow seen on any rank skips the perturbation on all of them. A micro-batch the framework runs
+under FSDP2's ``no_sync`` (``set_requires_gradient_sync(False)``, what accelerate's and the
+Trainer's gradient accumulation do) is reduce-scattered anyway on sharpness steps, both passes:
+unsynced, FSDP2 would leave the sharded ``.grad`` empty and keep the first pass's gradient in
+its unsharded accumulator, to be reduced into the step's gradient later.
 
 Overflow: if the first pass's gradient has inf/NaN under a loss scaler, no perturbation is made
 and the gradient is poisoned (set to inf) *before* the second backward, so the poison travels
@@ -38,7 +42,7 @@ accumulation, the gradient accumulated so far next to the first pass's own.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -90,9 +94,33 @@ def two_pass_backward(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sharded = any(is_sharded(p) for p in params)
     if sharded:  # FSDP2: only the reduce-scattered first pass gives each rank its shard
-        no_sync = nullcontext
-    elif no_sync is None:
+        with _fsdp2_gradient_sync(model):
+            return _two_passes(optimizer, run_pass, model, params, nullcontext, scaler, sharded)
+    if no_sync is None:
         no_sync = getattr(model, "no_sync", nullcontext)
+    return _two_passes(optimizer, run_pass, model, params, no_sync, scaler, sharded)
+
+
+@contextmanager
+def _fsdp2_gradient_sync(model: nn.Module):
+    """FSDP2's gradient reduction on for every ``fully_shard``-ed module of ``model`` during the
+    block (as ``set_requires_gradient_sync(True)``), then each put back as it was."""
+    groups = []
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if callable(get_state) else None
+        if group is not None and hasattr(group, "reduce_grads"):
+            groups.append((group, group.reduce_grads, getattr(group, "all_reduce_grads", True)))
+    for group, _, _ in groups:
+        group.reduce_grads = group.all_reduce_grads = True
+    try:
+        yield
+    finally:
+        for group, reduce_grads, all_reduce_grads in groups:
+            group.reduce_grads, group.all_reduce_grads = reduce_grads, all_reduce_grads
+
+
+def _two_passes(optimizer, run_pass, model, params, no_sync, scaler, sharded):
     held = [p.grad for p in params]
     for p in params:
         p.grad = None

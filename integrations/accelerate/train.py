@@ -12,6 +12,14 @@ Several processes (DDP), mixed precision and the other settings from an accelera
     accelerate launch --multi_gpu --num_processes 2 integrations/accelerate/train.py --cpu --optim zsharp
     accelerate launch --config_file yamls/accelerate/multi_gpu.yaml integrations/accelerate/train.py --optim zsharp
 
+FSDP2 (sharded parameters, gradients and optimizer state), on GPUs or, for trying it, on CPUs::
+
+    accelerate launch --config_file yamls/accelerate/fsdp2_multi_gpu.yaml integrations/accelerate/train.py --optim zsharp
+    accelerate launch --config_file yamls/accelerate/fsdp2_cpu.yaml integrations/accelerate/train.py --cpu --optim zsharp
+
+(accelerate sets FSDP up only on accelerators and runs DDP on the CPU instead; on the CPU this
+script puts accelerate's FSDP2 path back in place itself, see :func:`fsdp2_on_cpu`.)
+
 Data: scikit-learn's embedded digits (default, with ``--label-noise``), a local CIFAR-10
 (``--data cifar10 --data-dir DIR``) or an image folder (``--data folder --data-dir DIR`` with
 ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``; needs torchvision). Nothing is downloaded.
@@ -187,6 +195,7 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.grad_accum, mixed_precision=args.mixed_precision, cpu=cpu
     )
     _warn_single_cpu_process(accelerator)
+    fsdp2_on_cpu(accelerator)
     set_seed(args.seed)
     out = Path(args.output_dir)
     train_set, test_set, num_classes = load_datasets(args)
@@ -281,6 +290,32 @@ def _kv(text: str) -> tuple[str, object]:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key, value
+
+
+def fsdp2_on_cpu(accelerator: Accelerator) -> bool:
+    """Run accelerate's FSDP2 path on CPU processes when the launch config asks for FSDP.
+
+    accelerate (up to 1.15 at least) turns ``distributed_type: FSDP`` into FSDP only on
+    accelerators; with CPU processes it keeps ``MULTI_CPU`` (DDP) and drops the FSDP settings.
+    Here the FSDP plugin is rebuilt from the launcher's ``FSDP_*`` variables and set, with the
+    FSDP mode, on the accelerator's (and the process's) state before anything is prepared, so ``prepare`` shards with ``fully_shard``
+    (gloo) and ``save_state`` / ``load_state`` / ``save_model`` take their FSDP2 branches. FSDP1
+    is handed over too, so that ``TwoPassBackward`` says what to use instead. Returns whether it
+    did anything.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables of `accelerate launch`
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # every later AcceleratorState() copies the process state's distributed_type back in
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.print(f"FSDP{plugin.fsdp_version} on {accelerator.num_processes} CPU processes (gloo)")
+    return True
 
 
 def _warn_single_cpu_process(accelerator: Accelerator) -> None:
