@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainerCallback  # noqa: E402
 
 import zsharp_algos.hf as zhf  # noqa: E402
 from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos.hf.arguments import unsupported_setup  # noqa: E402
 from zsharp_algos.hf.launch import main as launch_main  # noqa: E402
 
 from reference import sam_perturbation, zsharp_global_perturbation  # noqa: E402
@@ -91,8 +92,12 @@ def test_optim_parses_and_a_typo_is_rejected_listing_the_choices(tmp_path, capsy
         zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", base_optim="sgdd")
     with pytest.raises(ValueError, match="percentile"):
         zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", percentile=100)
-    with pytest.raises(ValueError, match="FSDP"):
-        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", fsdp=True)
+    with pytest.raises(ValueError, match=r"FSDP version 1; use FSDP2 without CPU offload \(--fsdp;"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", fsdp=True, fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match="FSDP2 with CPU offload"):
+        zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", fsdp=True, fsdp_config={"cpu_offload": True})
+    args = zhf.TrainingArguments(output_dir=str(tmp_path), optim="zsharp", fsdp=True)  # FSDP2: transformers' default
+    assert args.fsdp_plugin_args["fsdp_version"] == 2 and unsupported_setup(args) is None
     with zhf.patched_transformers():  # what the launcher does: Seq2Seq arguments too
         args, = HfArgumentParser(live_transformers().Seq2SeqTrainingArguments).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--optim", "sam", "--base_optim", "sgd"])
@@ -271,6 +276,112 @@ def test_two_processes_via_torchrun_and_the_launcher_end_bitwise_equal(tmp_path)
     assert_same(r0["final"], model.state_dict(), exact=False)
 
 
+FSDP_WORKER = r'''
+"""An ordinary transformers script (no zsharp_algos import), run through the launcher under FSDP2."""
+import json
+import sys
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+sys.path.insert(0, sys.argv.pop(1))  # the tests folder
+from two_pass_reference import Points, Recorder, mlp
+
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+_init = accelerate.Accelerator.__init__
+
+
+def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    """accelerate sets FSDP up only on accelerators (on the CPU it keeps DDP): put its FSDP2 path in place."""
+    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.state.fsdp_plugin = fsdp_plugin
+        self.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+accelerate.Accelerator.__init__ = fsdp_on_cpu
+
+args, = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+
+
+def run(resume=None):
+    model = Recorder(mlp(bn=False))
+    init = {k: v.clone() for k, v in model.body.state_dict().items()}
+    trainer = Trainer(model=model, args=args, train_dataset=Points(n=64))
+    trainer.train(resume_from_checkpoint=resume)
+    final = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.body.state_dict().items()}
+    sharded = type(next(iter(trainer.model_wrapped.parameters()))).__name__
+    return trainer, dict(init=init, seen=model.seen, final=final, sharded=sharded,
+                         fsdp=trainer.is_fsdp_enabled, logs=trainer.state.log_history)
+
+
+trainer, full = run()
+_, resumed = run(resume=f"{args.output_dir}/checkpoint-1")
+torch.save({"full": full, "resumed": resumed, "world": args.world_size},
+           f"{args.output_dir}/rank{args.process_index}.pt")
+'''
+
+
+def _env():
+    # launcher variables left by in-process distributed tests would confuse torchrun's children
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith(("TORCHELASTIC", "PL_", "ACCELERATE_", "FSDP_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_fsdp2_via_the_launcher_equals_the_unsharded_math_and_resumes_bitwise(tmp_path):
+    """``--fsdp`` (FSDP2) on 2 gloo CPU ranks. accelerate sets FSDP up only on accelerators, so
+    the script puts accelerate's FSDP2 path in place on the CPU (see FSDP_WORKER); the Trainer
+    then shards the model, saves FSDP checkpoints and resumes them. The first pass is the
+    reduce-scattered global gradient (every rank perturbs alike), so the reference is the
+    unsharded step with a synced first pass; torch 2.7's FSDP2 on gloo sums the ranks' gradients
+    (2 x the mean), hence the reference's lr x 2 (no weight decay here). ZSharp with interval 2,
+    resumed at step 1: step 2 is a sharpness step only if the interval counter was saved."""
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "zsharp_algos.hf", str(script), str(Path(__file__).parent),
+           "--output_dir", str(out), "--fsdp", "--optim", "zsharp", "--base_optim", "sgd",
+           "--optim_args", "momentum=0.9", "--rho", "0.5", "--percentile", "70", "--interval", "2",
+           "--learning_rate", "0.2", "--per_device_train_batch_size", "8", "--max_steps", "3",
+           "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--use_cpu", "--report_to", "none",
+           "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    full = r0["full"]
+    assert r0["world"] == 2 and full["fsdp"] and full["sharded"] == "DTensor"
+    assert (out / "checkpoint-1" / "pytorch_model_fsdp.bin").exists()
+    assert_same(full["final"], r1["full"]["final"])
+    assert_same(r0["resumed"]["final"], full["final"])  # resumed from checkpoint-1: bitwise
+    assert len(r0["resumed"]["seen"]) == 3  # steps 2 (two passes) and 3 (one)
+    sharp_logs = [log for log in full["logs"] if "sharpness/perturbed_fraction" in log]
+    assert len(sharp_logs) == 1 and sharp_logs[0]["sharpness/perturbed_fraction"] == pytest.approx(0.3, abs=0.01)
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in full["logs"] if "loss" in log)
+
+    model = mlp(bn=False)
+    model.load_state_dict(full["init"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.5)  # noqa: E731
+    no_perturbation = lambda params, grads: [torch.zeros_like(g) for g in grads]  # noqa: E731
+    seen = [full["seen"], r1["full"]["seen"]]
+    i = 0
+    for step in range(3):
+        sharp = step == 1
+        data_parallel_step(model, [seen[0][i], seen[1][i]], perturbation if sharp else no_perturbation, opt,
+                           sync_first_pass=True)
+        i += 2 if sharp else 1
+    for name, ref in model.state_dict().items():
+        assert (full["final"][name] - ref).norm() <= 1e-5 * ref.norm(), name
+        assert not torch.equal(full["final"][name], full["init"][name]), name  # it trained
+
+
 # --------------------------------------------------------------------------- the callbacks
 def test_callback_restore_is_exact_for_evaluation_and_checkpoints(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
@@ -300,7 +411,7 @@ def test_callback_restore_is_exact_for_evaluation_and_checkpoints(tmp_path):
     assert_same(model.body.state_dict(), ref.state_dict(), exact=False)
 
 
-def test_callback_refuses_the_two_pass_trainer_misplaced_options_and_fsdp(tmp_path):
+def test_callback_refuses_the_two_pass_trainer_misplaced_options_fsdp_and_deepspeed(tmp_path):
     """A callback together with --optim zsharp (or a ZSharp optimizer) would perturb twice."""
     model = Recorder(mlp())
     start = copy.deepcopy(model.state_dict())
@@ -317,11 +428,41 @@ def test_callback_refuses_the_two_pass_trainer_misplaced_options_and_fsdp(tmp_pa
     with pytest.warns(UserWarning, match="--percentile ignored: --optim sam"):
         zhf.TrainingArguments(output_dir=str(tmp_path), optim="sam", percentile=50)
 
-    class FSDPArgs:
-        deepspeed, fsdp = None, ["full_shard"]
+    class FSDPArgs:  # FSDP2 (the two-pass Trainer takes it; the callback does not)
+        deepspeed, fsdp, fsdp_config = None, True, {"version": 2}
 
-    with pytest.raises(ValueError, match="FSDP"):
-        zhf.SAMCallback().on_init_end(FSDPArgs(), None, None)
+    class DeepSpeedArgs:
+        deepspeed, fsdp = {"zero_optimization": {"stage": 2}}, None
+
+    assert unsupported_setup(FSDPArgs()) is None and unsupported_setup(DeepSpeedArgs()) == "DeepSpeed"
+    for args, what in ((FSDPArgs(), "FSDP"), (DeepSpeedArgs(), "DeepSpeed")):
+        with pytest.raises(ValueError, match=f"does not support {what}; .* --optim zsharp .* supports FSDP2"):
+            zhf.SAMCallback().on_init_end(args, None, None)
+
+
+def test_the_trainer_refuses_fsdp1_and_deepspeed_set_up_by_accelerate(tmp_path, monkeypatch):
+    """FSDP1 or DeepSpeed from an accelerate config (not the arguments) are refused too, before
+    training."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    class FromAccelerateConfig(zhf.Trainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            if setting == "fsdp1":
+                monkeypatch.setattr(self.accelerator.state, "fsdp_plugin",
+                                    FullyShardedDataParallelPlugin(fsdp_version=1), raising=False)
+                self.is_fsdp_enabled = True
+            else:
+                self.is_deepspeed_enabled = True
+
+    model = Recorder(mlp())
+    start = copy.deepcopy(model.state_dict())
+    for setting, message in (("fsdp1", "FSDP version 1; use FSDP2"), ("deepspeed", "DeepSpeed; use FSDP2")):
+        with pytest.raises(ValueError, match=message):
+            FromAccelerateConfig(model=model, args=arguments(tmp_path, optim="zsharp", base_optim="sgd"),
+                                 train_dataset=Points())
+        monkeypatch.undo()
+    assert_same(model.state_dict(), start)
 
 
 def test_a_stock_trainer_given_a_zsharp_optimizer_says_which_trainer_to_use(tmp_path):

@@ -50,6 +50,8 @@ __all__ = [
     "build_sharpness_optimizer",
     "check_sharpness_hparams",
     "unsupported_setup",
+    "fsdp_problem",
+    "FSDP2_HINT",
 ]
 
 #: transformers' ``OptimizerNames`` plus ``sam`` and ``zsharp`` (a str enum, so members compare
@@ -119,13 +121,39 @@ def warn_unused_flags(args: Any) -> None:
         warnings.warn(f"{flags} ignored: {target} does not use them ({hint})", UserWarning, stacklevel=3)
 
 
+#: The way out named when a setup is refused.
+FSDP2_HINT = (
+    "use FSDP2 without CPU offload (--fsdp; FSDP2 is transformers' default fsdp_config version, "
+    "explicitly --fsdp_config '{\"version\": 2}') or DDP (torchrun / accelerate launch)"
+)
+
+
+def fsdp_problem(version: int, offload: bool = False, xla: bool = False) -> str | None:
+    """What in an FSDP setup sharpness-aware training does not support, or None (FSDP2)."""
+    if xla:
+        return "FSDP on XLA"
+    if int(version) != 2:
+        return f"FSDP version {version}"
+    if offload:
+        return "FSDP2 with CPU offload"
+    return None
+
+
 def unsupported_setup(args: Any) -> str | None:
-    """What in ``args`` sharpness-aware training does not support yet, or None."""
+    """What in ``args`` sharpness-aware training does not support, or None (single process,
+    DDP, FSDP2)."""
     if getattr(args, "deepspeed", None):
         return "DeepSpeed"
-    if getattr(args, "fsdp", None):
-        return "FSDP"
-    return None
+    fsdp = getattr(args, "fsdp", None)
+    if not fsdp:
+        return None
+    config = getattr(args, "fsdp_config", None)
+    config = config if isinstance(config, dict) else {}
+    plugin = getattr(args, "fsdp_plugin_args", None) or {}  # what transformers hands accelerate
+    version = plugin.get("fsdp_version", config.get("version", config.get("fsdp_version", 2)))
+    legacy = fsdp.split() if isinstance(fsdp, str) else list(fsdp) if isinstance(fsdp, (list, tuple)) else []
+    offload = bool(plugin.get("cpu_offload") or config.get("cpu_offload") or "offload" in legacy)
+    return fsdp_problem(version, offload, xla=bool(config.get("xla")))
 
 
 def _help(name: str) -> str:
@@ -171,9 +199,7 @@ class SharpnessArgumentsMixin:
             self.optim = optim
             what = unsupported_setup(self)
             if what is not None:
-                raise ValueError(
-                    f"--optim {optim.value} does not support {what} yet; use DDP (torchrun / accelerate launch)"
-                )
+                raise ValueError(f"--optim {optim.value} does not support {what}; {FSDP2_HINT}")
 
     def sharpness_hparams(self, name: str | None = None) -> dict[str, Any]:
         """The keyword arguments of the sharpness-aware optimizer (``name``, default

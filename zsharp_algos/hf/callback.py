@@ -23,6 +23,11 @@ For true two-pass training use ``--optim sam`` / ``--optim zsharp`` with
 :mod:`zsharp_algos.hf.trainer` (or the ``zsharp-hf`` launcher); these callbacks refuse to run
 together with it (both would perturb).
 
+Sharded training: the callbacks refuse DeepSpeed and any FSDP (the ``--fsdp`` arguments, an
+accelerate FSDP config, or DTensor parameters met at ``on_train_begin``): they keep a copy of
+the gradient across steps, which under FSDP2 is not tested; ``--optim sam/zsharp`` with
+:mod:`zsharp_algos.hf.trainer` supports FSDP2.
+
 Logs: ``sharpness/perturbation_norm`` and ``sharpness/perturbed_fraction``
 (:mod:`zsharp_algos.stats`) are added to the training logs in ``on_log``. Callbacks added with
 ``callbacks=[...]`` run after transformers' reporting integrations (TensorBoard, W&B, ...), so
@@ -41,6 +46,7 @@ from .._tensors import group_by_device_dtype
 from ..engine import PerturbationEngine
 from ..options import fill_group
 from ..registry import optimizer_info
+from ..sharding import is_sharded
 from ..two_pass import find_sharpness_optimizer
 from .arguments import check_sharpness_hparams, is_sharpness_optim, unsupported_setup
 
@@ -76,10 +82,18 @@ class SharpnessCallback(TrainerCallback):
             "use one or the other (drop the callback, or use --optim with a base optimizer name)"
         )
 
+    def _refuse_sharded(self, what: str) -> None:
+        raise ValueError(
+            f"{type(self).__name__} does not support {what}; use DDP, or for sharded training two-pass "
+            "--optim sam / --optim zsharp (zsharp_algos.hf.Trainer, the zsharp-hf launcher), which supports FSDP2"
+        )
+
     def on_init_end(self, args, state, control, **kwargs):
         what = unsupported_setup(args)
+        if what is None and getattr(args, "fsdp", None):
+            what = "FSDP"
         if what is not None:
-            raise ValueError(f"{type(self).__name__} does not support {what} yet; use DDP instead")
+            self._refuse_sharded(what)
         if is_sharpness_optim(args):
             self._refuse_double(f"--optim {args.optim}")
 
@@ -90,6 +104,8 @@ class SharpnessCallback(TrainerCallback):
         if find_sharpness_optimizer(optimizer) is not None:
             self._refuse_double(f"a {type(find_sharpness_optimizer(optimizer)).__name__} optimizer")
         base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        if any(is_sharded(p) for g in base.param_groups for p in g["params"]):
+            self._refuse_sharded("FSDP (the parameters are sharded DTensors)")
         for group in base.param_groups:
             fill_group(group, self.hparams, self.info.options, type(self).__name__)
         self.engine = PerturbationEngine(base, self.info.cls.make_direction, self.info.cls.direction_options)

@@ -20,7 +20,12 @@
 
 Checkpoints hold the base optimizer's state plus the interval counter (the optimizer's
 ``state_dict``), so a resumed run continues exactly where transformers' own resume does.
-DeepSpeed and FSDP are refused at construction.
+FSDP2 (``--fsdp``, transformers' default ``fsdp_config`` version, or an accelerate config with
+``fsdp_version: 2``): the optimizer works on the local shards (:mod:`zsharp_algos.sharding`),
+the first pass is reduce-scattered rather than ``no_sync``-ed, so every rank perturbs along the
+global batch's gradient, and transformers saves and resumes the sharded checkpoint (optimizer
+state with the interval counter) as for any optimizer. FSDP1, FSDP2 with CPU offload, FSDP on
+XLA and DeepSpeed are refused at construction.
 
 Without a sharpness-aware optimizer the classes behave exactly as transformers' own.
 """
@@ -35,8 +40,10 @@ from transformers import Trainer as HFTrainer
 from ..accelerate_loop import mean_over_processes
 from ..two_pass import find_sharpness_optimizer, two_pass_backward
 from .arguments import (
+    FSDP2_HINT,
     base_optimizer_args,
     build_sharpness_optimizer,
+    fsdp_problem,
     is_sharpness_optim,
     sharpness_name,
     unsupported_setup,
@@ -54,13 +61,16 @@ class TwoPassTrainerMixin:
             what = unsupported_setup(self.args)
             if what is None and getattr(self, "is_deepspeed_enabled", False):
                 what = "DeepSpeed"
-            if what is None and any(getattr(self, a, False) for a in ("is_fsdp_enabled", "is_fsdp_xla_enabled")):
-                what = "FSDP"
-            if what is not None:
-                raise ValueError(
-                    f"sharpness-aware training (SAM / ZSharp) does not support {what} yet; "
-                    "use DDP (torchrun / accelerate launch) instead"
+            if what is None and getattr(self, "is_fsdp_xla_enabled", False):
+                what = "FSDP on XLA"
+            if what is None and getattr(self, "is_fsdp_enabled", False):  # also from an accelerate config
+                plugin = self.accelerator.state.fsdp_plugin
+                offload = type(getattr(plugin, "cpu_offload", None)).__name__ in ("CPUOffloadPolicy", "CPUOffload") and (
+                    getattr(plugin.cpu_offload, "offload_params", True)
                 )
+                what = fsdp_problem(getattr(plugin, "fsdp_version", 1), offload)
+            if what is not None:
+                raise ValueError(f"sharpness-aware training (SAM / ZSharp) does not support {what}; {FSDP2_HINT}")
 
     # -------------------------------------------------------------- the optimizer
     @staticmethod
