@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from .optimizer import SharpnessAwareOptimizer
 from .two_pass import two_pass_backward
 
-__all__ = ["TwoPassBackward", "mean_over_processes", "unsupported_setup", "UNSUPPORTED_DISTRIBUTED_TYPES"]
+__all__ = ["TwoPassBackward", "mean_over_processes", "UNSUPPORTED_DISTRIBUTED_TYPES"]
 
 #: accelerate modes refused outright (FSDP is accepted as FSDP2 only: :func:`unsupported_setup`).
 UNSUPPORTED_DISTRIBUTED_TYPES = ("DEEPSPEED", "MEGATRON_LM", "XLA")
