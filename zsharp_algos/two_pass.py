@@ -108,9 +108,19 @@ def _fsdp2_gradient_sync(model: nn.Module):
     groups = []
     for module in model.modules():
         get_state = getattr(module, "_get_fsdp_state", None)
-        group = getattr(get_state(), "_fsdp_param_group", None) if callable(get_state) else None
-        if group is not None and hasattr(group, "reduce_grads"):
-            groups.append((group, group.reduce_grads, getattr(group, "all_reduce_grads", True)))
+        if not callable(get_state):
+            continue  # not a fully_shard-ed module
+        group = getattr(get_state(), "_fsdp_param_group", None)
+        if group is None:
+            continue  # fully_shard-ed without parameters of its own
+        if not (hasattr(group, "reduce_grads") and hasattr(group, "all_reduce_grads")):
+            # FSDP2's state is read through its (private) param-group flags, which torch 2.7
+            # to 2.14 have; without them a no_sync-ed micro-batch would be perturbed wrongly
+            raise RuntimeError(
+                f"this torch ({torch.__version__}) does not expose FSDP2's gradient-sync flags that sharpness-aware "
+                "steps under FSDP2 need; use torch 2.7 to 2.14, or report it to zsharp-algos"
+            )
+        groups.append((group, group.reduce_grads, group.all_reduce_grads))
     for group, _, _ in groups:
         group.reduce_grads = group.all_reduce_grads = True
     try:
