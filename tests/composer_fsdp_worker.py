@@ -8,7 +8,9 @@ root), on its shard of a fixed data set; rank 0 also trains an unsharded copy wi
 optimizer in a plain loop on the whole global batches (the reference). Each rank writes
 ``OUT_DIR/{ALGORITHM}-rank{RANK}.json``: whether the trained parameters were DTensors, the
 largest relative weight difference to the reference (rank 0), the optimizer's step count, and
-the work buffer's bytes next to the local shard's.
+the work buffer's bytes next to the local shard's. ``resume:ALGORITHM``: a run saved to
+Composer's sharded checkpoint halfway and resumed in a fresh Trainer, against the uninterrupted
+run (``OUT_DIR/resume-{ALGORITHM}-rank{RANK}.json``).
 """
 from __future__ import annotations
 
@@ -89,9 +91,11 @@ def reference(optimizer_cls, kwargs, x, y, steps, world, factor):
     return model
 
 
-def run(out_dir: str, name: str, steps: int, factor: float) -> None:
-    algorithm_cls, optimizer_cls, kwargs = ALGORITHMS[name]
-    world, rank = dist.get_world_size(), dist.get_global_rank()
+def fsdp2_trainer(name: str, steps: int, duration: int | None = None, **trainer_kwargs):
+    """A Trainer under FSDP2 for ``duration`` (default ``steps``) batches of this rank's shard of
+    the data set of ``steps`` global batches."""
+    algorithm_cls, _, kwargs = ALGORITHMS[name]
+    world = dist.get_world_size()
     x, y = data(steps, world)
     dataset = TensorDataset(x, y)
     loader = DataLoader(dataset, batch_size=PER_RANK, sampler=dist.get_sampler(dataset, shuffle=False))
@@ -103,14 +107,49 @@ def run(out_dir: str, name: str, steps: int, factor: float) -> None:
         model=ComposerClassifier(model, num_classes=NUM_CLASSES),
         train_dataloader=loader,
         optimizers=sgd(model.parameters()),
-        max_duration=f"{steps}ba",
+        max_duration=f"{duration or steps}ba",
         algorithms=[algorithm_cls(**kwargs)],
         parallelism_config={"fsdp": config},
         device="cpu",
         progress_bar=False,
         log_to_console=False,
         seed=0,
+        **trainer_kwargs,
     )
+    return model, trainer, (x, y)
+
+
+def resume(out_dir: str, name: str, steps: int) -> None:
+    """Composer's sharded checkpoint (torch.distributed.checkpoint) after ``steps // 2``
+    batches, resumed in a fresh Trainer, against the uninterrupted run."""
+    half = steps // 2
+    model, trainer, _ = fsdp2_trainer(name, steps)
+    trainer.fit()
+    full = [p.detach().full_tensor() for p in model.parameters()]
+    trainer.close()
+    folder = os.path.join(out_dir, f"checkpoints-{name}")
+    _, trainer, _ = fsdp2_trainer(name, steps, half, save_folder=folder, save_interval=f"{half}ba",
+                                  save_filename="ba{batch}")
+    trainer.fit()
+    trainer.close()
+    model, trainer, _ = fsdp2_trainer(name, steps, load_path=os.path.join(folder, f"ep0-ba{half}"))
+    count_after_load = trainer.state.optimizers[0].step_count
+    trainer.fit()
+    resumed = [p.detach().full_tensor() for p in model.parameters()]
+    result = {
+        "bitwise_equal": all(torch.equal(a, b) for a, b in zip(full, resumed)),
+        "step_count_after_load": count_after_load,
+        "step_count": trainer.state.optimizers[0].step_count,
+    }
+    with open(os.path.join(out_dir, f"resume-{name}-rank{dist.get_global_rank()}.json"), "w") as f:
+        json.dump(result, f)
+    trainer.close()
+
+
+def run(out_dir: str, name: str, steps: int, factor: float) -> None:
+    _, optimizer_cls, kwargs = ALGORITHMS[name]
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    model, trainer, (x, y) = fsdp2_trainer(name, steps)
     trainer.fit()
     opt = trainer.state.optimizers[0]
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -139,4 +178,7 @@ if __name__ == "__main__":
     dist.initialize_dist("cpu")
     factor = gradient_factor(dist.get_world_size())
     for algorithm in sys.argv[3:]:
-        run(out, algorithm, steps, factor)
+        if algorithm.startswith("resume:"):
+            resume(out, algorithm.split(":", 1)[1], steps)
+        else:
+            run(out, algorithm, steps, factor)

@@ -330,6 +330,16 @@ def test_fsdp2_on_two_ranks_matches_the_unsharded_loop(tmp_path):
         assert ranks[0]["max_rel_diff"] <= 1e-6, (name, ranks[0]["rel_diffs"])
 
 
+def test_fsdp2_sharded_checkpoint_resume_is_bitwise_equal(tmp_path):
+    """Composer's sharded checkpoint under FSDP2 (torch.distributed.checkpoint) halfway through
+    4 batches, resumed in a fresh Trainer: the same weights bit for bit as the uninterrupted run,
+    the step counter restored, ``interval=2`` in phase."""
+    launch_two_ranks(ROOT / "tests" / "composer_fsdp_worker.py", str(tmp_path), "4", "resume:sam_interval2")
+    for r in (0, 1):
+        result = json.loads((tmp_path / f"resume-sam_interval2-rank{r}.json").read_text())
+        assert result == {"bitwise_equal": True, "step_count_after_load": 2, "step_count": 4}
+
+
 # --------------------------------------------------------------------------- fp16 protocol
 def test_fp16_closure_protocol_with_composers_scaler():
     """What the trainer does under amp_fp16 (Composer allows fp16 on CUDA only, so this drives
