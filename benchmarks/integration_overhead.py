@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import base_parser, interleaved_medians, machine, print_table, setup, write_json
+from dispatch_count import DispatchCount
 
 from zsharp_algos import ZSharp
 from zsharp_algos.two_pass import two_pass_backward
@@ -120,11 +121,22 @@ def main() -> None:
         units["accelerate"] = accel
 
     seconds = interleaved_medians(units, args.rounds, args.warmup, device)
-    rows = [[name, f"{s * 1e3:.1f}", f"{s / seconds['core']:.3f}"] for name, s in seconds.items()]
-    print_table("ZSharp step through each integration (resnet18)", ["path", "ms/step", "vs core"], rows)
+    # The deterministic part of the overhead: torch ops dispatched per step (forward and
+    # backward included), which is what a GPU pays per launch; the times above carry the
+    # machine's noise (several percent between runs on two shared cores).
+    ops = {}
+    for name, unit in units.items():
+        with DispatchCount() as mode:
+            steps = unit()
+        ops[name] = mode.total / steps
+    rows = [[name, f"{s * 1e3:.1f}", f"{s / seconds['core']:.3f}", f"{ops[name]:.0f}", f"{ops[name] - ops['core']:+.0f}"]
+            for name, s in seconds.items()]
+    print_table("ZSharp step through each integration (resnet18)",
+                ["path", "ms/step", "vs core", "ops/step", "ops vs core"], rows)
     write_json(args.out, "integration_overhead", {
         "machine": machine(device), "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
         "seconds_per_step": seconds, "ratio_to_core": {n: s / seconds["core"] for n, s in seconds.items()},
+        "ops_per_step": ops, "extra_ops_vs_core": {n: o - ops["core"] for n, o in ops.items()},
     })
 
 
