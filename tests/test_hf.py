@@ -475,3 +475,15 @@ def test_a_stock_trainer_given_a_zsharp_optimizer_says_which_trainer_to_use(tmp_
         train(args, model, trainer_cls=live_transformers().Trainer, optimizers=(ZSharp(sgd(model)), None))
     weights = lambda sd: {k: v for k, v in sd.items() if "running" not in k and "num_batches" not in k}  # noqa: E731
     assert_same(weights(model.state_dict()), weights(start))
+
+
+def test_a_stock_trainer_given_our_arguments_fails_before_training(tmp_path):
+    """The other half-migration (our TrainingArguments(optim="zsharp"), stock Trainer): transformers
+    itself refuses the optimizer name when it builds the optimizer, before any step, as the README
+    says; the fix is zsharp_algos.hf.Trainer (or the zsharp-hf launcher)."""
+    model = Recorder(mlp())
+    start = copy.deepcopy(model.state_dict())
+    args = arguments(tmp_path, optim="zsharp")
+    with pytest.raises(ValueError, match="unsupported optimizer"):
+        train(args, model, trainer_cls=live_transformers().Trainer)
+    assert_same(model.state_dict(), start)
