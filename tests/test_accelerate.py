@@ -7,13 +7,12 @@ import functools
 import importlib.util
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch_env import clean_env, free_port
 import torch
 import torch.nn.functional as F
 
@@ -269,12 +268,6 @@ torch.save({"init": init, "seen": seen, "final": final, "world": accelerator.num
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -283,8 +276,7 @@ def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(script), str(tmp_path), str(Path(__file__).parent)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == 2
@@ -338,15 +330,6 @@ def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
     assert_same(resumed, uninterrupted)
 
 
-def _env():
-    # launcher variables left by in-process distributed tests would confuse the launched processes
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("TORCHELASTIC", "PL_", "ACCELERATE_", "FSDP_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_example_script_under_fsdp2_equals_the_single_process_run(tmp_path):
     """``accelerate launch --config_file yamls/accelerate/fsdp2_cpu.yaml``: 2 CPU processes,
     ZSharp with interval 2 and 2 micro-batches per step (sharpness steps reduce-scatter both
@@ -363,7 +346,7 @@ def test_example_script_under_fsdp2_equals_the_single_process_run(tmp_path):
     cmd = [str(launcher), "launch", "--config_file", str(ROOT / "yamls" / "accelerate" / "fsdp2_cpu.yaml"),
            "--main_process_port", str(free_port()), str(TRAIN_SCRIPT), *common, "--batch-size", "16",
            "--lr", "0.05", "--weight-decay", "5e-4", "--output-dir", str(tmp_path / "fsdp2")]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "FSDP2 on 2 CPU processes" in done.stdout
     sharded = json.loads((tmp_path / "fsdp2" / "summary.json").read_text())

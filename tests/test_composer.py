@@ -10,8 +10,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -28,6 +26,7 @@ from composer.loggers import InMemoryLogger  # noqa: E402
 from composer.models import ComposerClassifier  # noqa: E402
 from composer.trainer._scaler import ClosureGradScaler  # noqa: E402
 from composer_ddp_worker import small_bn_net  # noqa: E402
+from launch_env import clean_env, free_port  # noqa: E402
 from reference import zsharp_global_masks  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -267,20 +266,14 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- data parallel
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_ranks(script: Path, *args: str, timeout: float = 300) -> None:
     """Start ``script`` as ranks 0 and 1 of a gloo process group (the environment ``composer -n 2``
     and ``torchrun`` set up) and wait for both."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:

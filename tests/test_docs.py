@@ -53,13 +53,13 @@ import inspect
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from launch_env import clean_env, free_port
 
 pytestmark = pytest.mark.docs
 
@@ -169,12 +169,6 @@ COVERED = {
 }
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _script(argv: list[str]) -> str | None:
     """The repository script (``integrations/...``) a command runs, if any."""
     for a in argv:
@@ -199,11 +193,11 @@ def tiny(argv: list[str]) -> tuple[list[str], set[str]]:
     else:
         raise LookupError(f"unknown program {prog!r}")
     if prog == "torchrun":
-        argv[1:1] = ["--master_port", _free_port()]
+        argv[1:1] = ["--master_port", str(free_port())]
     elif prog == "composer":
-        argv[1:1] = ["--master_port", _free_port()]
+        argv[1:1] = ["--master_port", str(free_port())]
     elif prog == "accelerate" and argv[1:2] == ["launch"]:
-        argv[2:2] = ["--main_process_port", _free_port()]
+        argv[2:2] = ["--main_process_port", str(free_port())]
 
     if prog == "zsharp-compare":
         needs |= {"timm", "sklearn", "matplotlib"}
@@ -257,17 +251,9 @@ def python_needs(text: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------- running
-# Set by in-process launches earlier in the suite (Lightning's and Composer's DDP set-up write
-# them into os.environ): a block run after them would take itself for one rank of a job.
-_LAUNCHER_VARIABLES = re.compile(
-    r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|NODE_RANK|GROUP_RANK|ROLE_RANK|MASTER_ADDR|MASTER_PORT"
-    r"|TORCHELASTIC_\w+|PL_\w+|ACCELERATE_\w+|COMPOSER_\w+|TORCH_NCCL_\w+)$"
-)
-
-
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.match(k)}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
+    env = clean_env()  # without the launcher variables earlier in-process launches left
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
                PYTHONWARNINGS="ignore::DeprecationWarning", MPLBACKEND="Agg")
     env.pop("PYTHONPATH", None)

@@ -8,8 +8,6 @@ pass's own values (for what is logged).
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -27,6 +25,8 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from launch_env import clean_env, free_port  # noqa: E402
 
 from zsharp_algos import SAM, ClosureGradScaler, SkipStep, ZSharp, frozen_norm_stats  # noqa: E402
 from zsharp_algos.lightning import (  # noqa: E402
@@ -425,17 +425,10 @@ def test_resume_from_checkpoint_is_bitwise_equal(tmp_path):
 
 
 # --------------------------------------------------------------------------- several processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_bitwise_equal_and_per_rank_perturbation(tmp_path):
     import lightning_ddp_worker as worker
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=str(ROOT))
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp_worker.py"), str(tmp_path)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
