@@ -33,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from zsharp_algos import SAM, ZSharp  # noqa: E402
 from zsharp_algos.composer import SAMAlgorithm, ZSharpAlgorithm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fsdp_probe import gradient_factor  # noqa: E402
+
 NUM_CLASSES, PER_RANK = 5, 8
 ALGORITHMS = {
     "zsharp": (ZSharpAlgorithm, ZSharp, dict(rho=0.05, percentile=70)),
@@ -55,23 +58,6 @@ def data(steps: int, world: int):
     gen = torch.Generator().manual_seed(0)
     n = steps * PER_RANK * world
     return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-
-
-def gradient_factor(world: int) -> float:
-    """The factor FSDP2 leaves on reduce-scattered gradients on this build (torch 2.7 on gloo
-    sums them instead of averaging): a sharded Linear's gradient over the full-batch mean's."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    ref = nn.Linear(4, 4)
-    probe = nn.Linear(4, 4)
-    probe.load_state_dict(ref.state_dict())
-    fully_shard(probe)
-    x = torch.randn(2 * world, 4, generator=torch.Generator().manual_seed(3))
-    rank = dist.get_global_rank()
-    probe(x.chunk(world)[rank]).square().mean().backward()
-    ref(x).square().mean().backward()
-    return float(round(float(probe.weight.grad.full_tensor().norm() / ref.weight.grad.norm())))
 
 
 def reference(optimizer_cls, kwargs, x, y, steps, world, factor):
@@ -176,7 +162,7 @@ def run(out_dir: str, name: str, steps: int, factor: float) -> None:
 if __name__ == "__main__":
     out, steps = sys.argv[1], int(sys.argv[2])
     dist.initialize_dist("cpu")
-    factor = gradient_factor(dist.get_world_size())
+    factor = gradient_factor()
     for algorithm in sys.argv[3:]:
         if algorithm.startswith("resume:"):
             resume(out, algorithm.split(":", 1)[1], steps)

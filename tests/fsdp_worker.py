@@ -33,6 +33,9 @@ import zsharp_algos  # noqa: E402
 from zsharp_algos import SAM, ZSharp  # noqa: E402
 from zsharp_algos import directions as D  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fsdp_probe import gradient_factor  # noqa: E402
+
 CONFIGS = {
     "sam": dict(cls=SAM, rho=0.05),
     "sam_adaptive": dict(cls=SAM, rho=0.5, adaptive=True),
@@ -102,18 +105,6 @@ class Bf16Compute(nn.Module):
 def make_opt(cfg, params):
     kw = {k: v for k, v in cfg.items() if k not in ("cls", "fsdp")}
     return cfg["cls"](params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw)
-
-
-def grad_factor(mesh, dp_rank, dp_size):
-    """The factor FSDP2 leaves on reduce-scattered gradients on this build (gloo sums them in
-    torch 2.7 instead of averaging): the sharded gradient / the full-batch mean's."""
-    probe = shard(make_model(), mesh)
-    ref = make_model()
-    x, y = batches(1)[0]
-    nn.functional.mse_loss(probe(x.chunk(dp_size)[dp_rank]), y.chunk(dp_size)[dp_rank]).backward()
-    nn.functional.mse_loss(ref(x), y).backward()
-    ratio = probe.inp.weight.grad.full_tensor().norm() / ref.inp.weight.grad.norm()
-    return float(round(float(ratio)))
 
 
 def train(model, opt, data, dp_rank, dp_size, factor, start=0):
@@ -401,7 +392,7 @@ def main():
     if args.mesh == "2x2":
         result = {"world": world, "mesh": [2, world // 2], "runs": run_configs_placed(mesh)}
     else:
-        factor = grad_factor(mesh, dp_rank, dp_size)
+        factor = gradient_factor(mesh)
         result = {"world": world, "factor": factor, "runs": run_configs(mesh, dp_rank, dp_size, factor)}
     result["masks"] = mask_checks(mesh)
     if args.resume:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 import pytest
+from launch_env import clean_env
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -37,18 +38,10 @@ TOLERANCE = 1e-6  # relative, per tensor
 BF16_TOLERANCE = 3e-2
 
 
-def _env():
-    # launcher variables left by in-process distributed tests would confuse torchrun's children
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("TORCHELASTIC", "PL_", "ACCELERATE_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def launch(tmp_path, nproc: int, *args: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            WORKER, "--out", str(tmp_path), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch_env import clean_env
 import torch
 import torch.nn.functional as F
 
@@ -261,7 +261,7 @@ def test_two_processes_via_torchrun_and_the_launcher_end_bitwise_equal(tmp_path)
            "--rho", "0.5", "--learning_rate", "0.2", "--per_device_train_batch_size", "8", "--max_steps", "3",
            "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--use_cpu", "--report_to", "none",
            "--save_strategy", "no", "--disable_tqdm", "true"]
-    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world"] == 2
@@ -285,6 +285,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, sys.argv.pop(1))  # the tests folder
+from fsdp_probe import gradient_factor
 from two_pass_reference import Points, Recorder, mlp
 
 import accelerate
@@ -305,6 +306,8 @@ def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 accelerate.Accelerator.__init__ = fsdp_on_cpu
 
 args, = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+assert args.device.type == "cpu" and args.world_size > 1  # sets the process group up
+factor = gradient_factor()
 
 
 def run(resume=None):
@@ -320,18 +323,9 @@ def run(resume=None):
 
 trainer, full = run()
 _, resumed = run(resume=f"{args.output_dir}/checkpoint-1")
-torch.save({"full": full, "resumed": resumed, "world": args.world_size},
+torch.save({"full": full, "resumed": resumed, "world": args.world_size, "factor": factor},
            f"{args.output_dir}/rank{args.process_index}.pt")
 '''
-
-
-def _env():
-    # launcher variables left by in-process distributed tests would confuse torchrun's children
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("TORCHELASTIC", "PL_", "ACCELERATE_", "FSDP_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def test_fsdp2_via_the_launcher_equals_the_unsharded_math_and_resumes_bitwise(tmp_path):
@@ -339,8 +333,9 @@ def test_fsdp2_via_the_launcher_equals_the_unsharded_math_and_resumes_bitwise(tm
     the script puts accelerate's FSDP2 path in place on the CPU (see FSDP_WORKER); the Trainer
     then shards the model, saves FSDP checkpoints and resumes them. The first pass is the
     reduce-scattered global gradient (every rank perturbs alike), so the reference is the
-    unsharded step with a synced first pass; torch 2.7's FSDP2 on gloo sums the ranks' gradients
-    (2 x the mean), hence the reference's lr x 2 (no weight decay here). ZSharp with interval 2,
+    unsharded step with a synced first pass. torch 2.7's FSDP2 on gloo sums the ranks' gradients
+    (2 x the mean; newer builds average): the worker measures the factor on this build and the
+    reference's lr takes it (no weight decay here). ZSharp with interval 2,
     resumed at step 1: step 2 is a sharpness step only if the interval counter was saved."""
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
@@ -352,7 +347,7 @@ def test_fsdp2_via_the_launcher_equals_the_unsharded_math_and_resumes_bitwise(tm
            "--learning_rate", "0.2", "--per_device_train_batch_size", "8", "--max_steps", "3",
            "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--use_cpu", "--report_to", "none",
            "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     full = r0["full"]
@@ -367,7 +362,8 @@ def test_fsdp2_via_the_launcher_equals_the_unsharded_math_and_resumes_bitwise(tm
 
     model = mlp(bn=False)
     model.load_state_dict(full["init"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    assert r0["factor"] in (1.0, 2.0), r0["factor"]  # averaged, or summed over the 2 ranks
+    opt = torch.optim.SGD(model.parameters(), lr=0.2 * r0["factor"], momentum=0.9)
     perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.5)  # noqa: E731
     no_perturbation = lambda params, grads: [torch.zeros_like(g) for g in grads]  # noqa: E731
     seen = [full["seen"], r1["full"]["seen"]]
