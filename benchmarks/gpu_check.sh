@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA figures in one command, under 5 minutes on one GPU:
+# The CUDA figures in one command, a few minutes on one GPU (the stage limits below add up to 345 s):
 #   bash benchmarks/gpu_check.sh [OUT]        (default OUT: results/gpu; PYTHON=... to choose the interpreter)
 # 1. the CUDA tests (sync-free filter under torch.cuda.set_sync_debug_mode("error"), CUDA = CPU results,
 #    fp16 autocast with the closure-aware scaler);
