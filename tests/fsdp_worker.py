@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zsharp_algos  # noqa: E402
-from zsharp_algos import SAM, ZSharp  # noqa: E402
+from zsharp_algos import SAM, ClosureGradScaler, ZSharp  # noqa: E402
 from zsharp_algos import directions as D  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -374,6 +374,57 @@ def resume_check(mesh, dp_rank, dp_size, tmp):
     return {"bitwise_equal": equal, "step_count_after_load": resumed_count, "step_count": opt.step_count}
 
 
+def overflow_checks(mesh, dp_rank, dp_size):
+    """fp16-style loss scaling (:class:`ClosureGradScaler`) under FSDP2: rank 0 puts an inf into
+    the gradient of ``inp``'s first output, so after the reduce-scatter only rank 0's shard (the
+    first rows) holds it. Per method and poisoned closure call (1: the first pass, 2: the second):
+    whether this rank skipped the step, with the weights bitwise as they were and the scale backed
+    off, and whether its own shard saw the inf (the agreement must come from a collective)."""
+    out = {}
+    data = batches(2)
+    for method, cfg in (("sam", CONFIGS["sam"]), ("zsharp_global", CONFIGS["zsharp_global"])):
+        for poison_call in (1, 2):
+            model = shard(make_model(), mesh)
+            opt = make_opt(cfg, model.parameters())
+            scaler = ClosureGradScaler(init_scale=2.0**10)
+            armed, calls = [False], [0]
+
+            def poison(grad):
+                grad = grad.clone()
+                grad[:, 0] = float("inf")
+                return grad
+
+            def arm(module, args, output):
+                if armed[0] and dp_rank == 0:
+                    output.register_hook(poison)
+
+            model.inp.register_forward_hook(arm)
+            shard_saw_inf = [False]
+            for step, (x, y) in enumerate(data):
+                xs, ys = x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank]
+
+                def closure():
+                    opt.zero_grad()
+                    calls[0] += 1
+                    armed[0] = step == 1 and calls[0] == poison_call
+                    loss = nn.functional.mse_loss(model(xs), ys)
+                    scaler.scale(loss).backward()
+                    if armed[0]:
+                        shard_saw_inf[0] = not bool(torch.isfinite(zsharp_algos.sharding.local(model.inp.weight.grad)).all())
+                    return loss
+
+                before = [full(p.detach()).clone() for p in model.parameters()]
+                calls[0] = 0
+                loss = scaler.step(opt, closure)
+                scaler.update()
+            out[f"{method}/call{poison_call}"] = {
+                "skipped": scaler.skipped_steps, "step_count": opt.step_count, "returned_none": loss is None,
+                "weights_unchanged": all(torch.equal(full(p.detach()), b) for p, b in zip(model.parameters(), before)),
+                "scale": scaler.get_scale(), "shard_saw_inf": shard_saw_inf[0],
+            }
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -398,6 +449,7 @@ def main():
     if args.resume:
         result["refusals"] = refusal_checks(mesh, world)
         result["resume"] = resume_check(mesh, dp_rank, dp_size, os.path.join(args.out, "ckpt"))
+        result["overflow"] = overflow_checks(mesh, dp_rank, dp_size)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
     dist.barrier()

@@ -86,6 +86,20 @@ def test_resume_from_a_sharded_checkpoint_is_bitwise_equal(two_ranks):
         assert r["resume"] == {"bitwise_equal": True, "step_count_after_load": 3, "step_count": 5}
 
 
+def test_loss_scaling_overflow_on_one_shard_skips_the_step_on_every_rank(two_ranks):
+    """ClosureGradScaler under FSDP2: an inf that only rank 0's gradient shard holds, in the first
+    or the second pass, skips the step on both ranks with the weights bitwise as they were and
+    the scale backed off on both (DTensor all-reduces the inf check over the mesh)."""
+    seen = [r["overflow"] for r in two_ranks]
+    assert set(seen[0]) == {"sam/call1", "sam/call2", "zsharp_global/call1", "zsharp_global/call2"}
+    for case in seen[0]:
+        assert seen[0][case]["shard_saw_inf"] and not seen[1][case]["shard_saw_inf"], case
+        for rank in seen:
+            got = rank[case]
+            assert got["skipped"] == 1 and got["returned_none"] and got["step_count"] == 1, (case, got)
+            assert got["weights_unchanged"], case
+            assert got["scale"] == 2.0**9, case  # 2**10, halved once
+
 def test_four_ranks_with_empty_shards(tmp_path):
     check_runs(launch(tmp_path, 4))
 
