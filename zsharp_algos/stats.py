@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._tensors import group_by_device_dtype
+from .order_stats import reads_host
 
 __all__ = ["SharpnessStats", "PREFIX", "NAMES", "squared_norm", "nonzero_count"]
 
@@ -54,10 +55,38 @@ def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     return _foreach_sum(tensors, 2)
 
 
+# Entries counted per piece on the CPU: a piece's count is exact in float32 (< 2^24), and its
+# scratch stays in cache (at most 1 MiB in float32) and small beside the tensors counted (at
+# most 1/32 of their entries, or 4096).
+COUNT_PIECE = 1 << 18
+
+
 def nonzero_count(tensors: Sequence[Tensor]) -> Tensor:
-    """Number of non-zero entries (0-dim, exact below 2^24 per tensor in float32;
-    ``_foreach_norm`` with ord 0 counts them)."""
-    return _foreach_sum(tensors, 0)
+    """Number of non-zero entries (0-dim). On accelerators one multi-tensor kernel per
+    device/dtype group (``_foreach_norm`` with ord 0: exact below 2^24 per tensor in float32).
+    Under the CPU strategy of :mod:`zsharp_algos.order_stats`, where that kernel loops over the
+    tensors anyway and its branchy count slows down as the share of zeros grows (20 ms on
+    resnet18's ZSharp perturbation, against 6 ms here), ``|sign(t)|`` is summed piece by piece,
+    each piece's count exact in float32. ``sign`` maps NaN to 0, so a piece whose plain sum is
+    NaN (it holds a NaN, or infinities of both signs) is counted by ``count_nonzero`` instead: a
+    host read, free on CPU tensors."""
+    if not reads_host(tensors[0].device):
+        return _foreach_sum(tensors, 0)
+    step = min(COUNT_PIECE, max(1 << 12, -(-sum(t.numel() for t in tensors) // 32)))
+    count = 0
+    scratch: dict[torch.dtype, Tensor] = {}
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        buf = scratch.get(flat.dtype)
+        if buf is None or buf.numel() < min(step, flat.numel()):
+            buf = scratch[flat.dtype] = torch.empty(min(step, flat.numel()), dtype=flat.dtype)
+        for start in range(0, flat.numel(), step):
+            piece = flat[start : start + step]
+            if piece.sum().isnan():
+                count += int(torch.count_nonzero(piece))
+            else:
+                count += int(torch.sign(piece, out=buf[: piece.numel()]).abs_().sum(dtype=torch.float32))
+    return torch.tensor(float(count), dtype=_stat_dtype(tensors))
 
 
 class SharpnessStats:
