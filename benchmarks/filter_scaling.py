@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from common import base_parser, interleaved_medians, machine, memory_of, print_table, setup, write_json
-from peers import LoopSAM, Ours, SeedZSharp, optimizer_only_unit
+from peers import LoopSAM, Ours, QuantileZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
 
@@ -22,7 +22,7 @@ METHODS = {
     "ours_zsharp": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05)),
     "ours_zsharp_tensor": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05, scope="tensor")),
     "loop_sam": lambda ps: LoopSAM(ps, torch.optim.SGD(ps, lr=1e-3)),
-    "seed_zsharp": lambda ps: SeedZSharp(ps, torch.optim.SGD(ps, lr=1e-3)),
+    "quantile_zsharp": lambda ps: QuantileZSharp(ps, torch.optim.SGD(ps, lr=1e-3)),
 }
 
 

@@ -35,8 +35,9 @@ class LoopSAM:
         self.base.step()
 
 
-class SeedZSharp(LoopSAM):
-    """Seed README: z per tensor, one torch.quantile over all |z|, fallback top 20%, SAM scaling."""
+class QuantileZSharp(LoopSAM):
+    """The bangyen/zsharp reproduction's ZSharp: z per tensor, one torch.quantile over all |z|, a tensor
+    keeping nothing keeps its top 20%, SAM scaling."""
 
     def __init__(self, params, base, rho=0.05, percentile=70):
         super().__init__(params, base, rho)

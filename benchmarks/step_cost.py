@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common import base_parser, interleaved_medians, machine, memory_of, print_table, setup, write_json
-from peers import ComposerSAM, LoopSAM, Ours, SeedZSharp, optimizer_only_unit
+from peers import ComposerSAM, LoopSAM, Ours, QuantileZSharp, optimizer_only_unit
 
 from zsharp_algos import SAM, ZSharp
 
@@ -100,7 +100,7 @@ def optimizer_only(base_model, device, methods, rounds, warmup):
         "loop_sam": lambda ps, base: LoopSAM(ps, base),
         "composer_sam": lambda ps, base: ComposerSAM(ps, base),
         "ours_zsharp": lambda ps, base: Ours(ZSharp(base, rho=0.05)),
-        "seed_zsharp": lambda ps, base: SeedZSharp(ps, base),
+        "quantile_zsharp": lambda ps, base: QuantileZSharp(ps, base),
         "ours_zsharp_tensor": lambda ps, base: Ours(ZSharp(base, rho=0.05, scope="tensor")),
     }
     units, failures = {}, {}
