@@ -21,6 +21,9 @@ METHODS = {
     "ours_sam": lambda ps: Ours(SAM(torch.optim.SGD(ps, lr=1e-3), rho=0.05)),
     "ours_zsharp": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05)),
     "ours_zsharp_tensor": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05, scope="tensor")),
+    # without the sharpness/* statistics the engine records by default (what they cost)
+    "ours_sam_no_stats": lambda ps: Ours(SAM(torch.optim.SGD(ps, lr=1e-3), rho=0.05, record_stats=False)),
+    "ours_zsharp_no_stats": lambda ps: Ours(ZSharp(torch.optim.SGD(ps, lr=1e-3), rho=0.05, record_stats=False)),
     "loop_sam": lambda ps: LoopSAM(ps, torch.optim.SGD(ps, lr=1e-3)),
     "quantile_zsharp": lambda ps: QuantileZSharp(ps, torch.optim.SGD(ps, lr=1e-3)),
 }

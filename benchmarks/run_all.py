@@ -88,7 +88,7 @@ def chart(out: Path) -> list[Path]:
                     axes[1][col].plot(*zip(*mem), "o-", color=line.get_color(), label=name)
             axes[0][col].set(xscale="log", yscale="log", xlabel="parameters", ylabel="ms",
                              title=f"optimizer-only time ({device})")
-            axes[1][col].axhline(0.5, color="gray", ls="--", lw=1, label="target for ZSharp")
+            axes[1][col].axhline(0.25, color="gray", ls="--", lw=1, label="target for ZSharp (0.25)")
             axes[1][col].set(xscale="log", xlabel="parameters", ylabel="x param bytes",
                              title=f"transient peak beyond persistent state ({device})")
             for ax in axes[:, col]:
