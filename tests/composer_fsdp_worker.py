@@ -33,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from zsharp_algos import SAM, ZSharp  # noqa: E402
 from zsharp_algos.composer import SAMAlgorithm, ZSharpAlgorithm  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fsdp_probe import gradient_factor  # noqa: E402
+from fsdp_probe import gradient_factor  # noqa: E402  (this script's folder is on sys.path)
 
 NUM_CLASSES, PER_RANK = 5, 8
 ALGORITHMS = {

@@ -33,8 +33,7 @@ import zsharp_algos  # noqa: E402
 from zsharp_algos import SAM, ClosureGradScaler, ZSharp  # noqa: E402
 from zsharp_algos import directions as D  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fsdp_probe import gradient_factor  # noqa: E402
+from fsdp_probe import gradient_factor  # noqa: E402  (this script's folder is on sys.path)
 
 CONFIGS = {
     "sam": dict(cls=SAM, rho=0.05),

@@ -24,8 +24,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+def free_port() -> str:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it), as the string launchers take."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return str(s.getsockname()[1])

@@ -274,7 +274,7 @@ def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_
     launcher = Path(sys.executable).with_name("accelerate")
     # `--multi_gpu` is accelerate's torchrun-based launcher; the worker's Accelerator(cpu=True) makes it gloo DDP.
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
            str(script), str(tmp_path), str(Path(__file__).parent)]
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -344,7 +344,7 @@ def test_example_script_under_fsdp2_equals_the_single_process_run(tmp_path):
               "--optim", "zsharp", "--interval", "2", "--percentile", "70", "--cpu", "--no-progress"]
     launcher = Path(sys.executable).with_name("accelerate")
     cmd = [str(launcher), "launch", "--config_file", str(ROOT / "yamls" / "accelerate" / "fsdp2_cpu.yaml"),
-           "--main_process_port", str(free_port()), str(TRAIN_SCRIPT), *common, "--batch-size", "16",
+           "--main_process_port", free_port(), str(TRAIN_SCRIPT), *common, "--batch-size", "16",
            "--lr", "0.05", "--weight-decay", "5e-4", "--output-dir", str(tmp_path / "fsdp2")]
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

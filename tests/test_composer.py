@@ -269,7 +269,7 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
 def launch_two_ranks(script: Path, *args: str, timeout: float = 300) -> None:
     """Start ``script`` as ranks 0 and 1 of a gloo process group (the environment ``composer -n 2``
     and ``torchrun`` set up) and wait for both."""
-    port = str(free_port())
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

@@ -193,11 +193,11 @@ def tiny(argv: list[str]) -> tuple[list[str], set[str]]:
     else:
         raise LookupError(f"unknown program {prog!r}")
     if prog == "torchrun":
-        argv[1:1] = ["--master_port", str(free_port())]
+        argv[1:1] = ["--master_port", free_port()]
     elif prog == "composer":
-        argv[1:1] = ["--master_port", str(free_port())]
+        argv[1:1] = ["--master_port", free_port()]
     elif prog == "accelerate" and argv[1:2] == ["launch"]:
-        argv[2:2] = ["--main_process_port", str(free_port())]
+        argv[2:2] = ["--main_process_port", free_port()]
 
     if prog == "zsharp-compare":
         needs |= {"timm", "sklearn", "matplotlib"}

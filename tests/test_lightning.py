@@ -428,7 +428,7 @@ def test_resume_from_checkpoint_is_bitwise_equal(tmp_path):
 def test_ddp_two_cpu_processes_bitwise_equal_and_per_rank_perturbation(tmp_path):
     import lightning_ddp_worker as worker
 
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp_worker.py"), str(tmp_path)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,11 +19,11 @@ Usage::
     loss = scaler.step(opt, closure)   # None when the step was skipped
     scaler.update()
 
-Under FSDP2 the gradients are DTensor shards, and DTensor's inf check all-reduces its flag over
-the mesh, so an overflow in any rank's shard skips the step on every rank (tested in
-``tests/test_fsdp.py``). Clipping belongs to the optimizer (``max_grad_norm=``), which applies it
-to the unscaled gradient the base optimizer uses. Like ``torch.amp.GradScaler``, the overflow decision costs one
-device-to-host read per pass; bf16 needs no scaler at all.
+Clipping belongs to the optimizer (``max_grad_norm=``), which applies it to the unscaled
+gradient the base optimizer uses. Like ``torch.amp.GradScaler``, the overflow decision costs one
+device-to-host read per pass; bf16 needs no scaler at all. Under FSDP2 the gradients are DTensor
+shards, and DTensor's inf check all-reduces its flag over the mesh, so an overflow in any rank's
+shard skips the step on every rank (tested in ``tests/test_fsdp.py``).
 """
 from __future__ import annotations
 

@@ -74,12 +74,12 @@ def nonzero_count(tensors: Sequence[Tensor]) -> Tensor:
         return _foreach_sum(tensors, 0)
     step = min(COUNT_PIECE, max(1 << 12, -(-sum(t.numel() for t in tensors) // 32)))
     count = 0
-    scratch: dict[torch.dtype, Tensor] = {}
+    scratch: dict[torch.dtype, Tensor] = {}  # one piece's |sign| per dtype
     for t in tensors:
         flat = t.detach().reshape(-1)
-        buf = scratch.get(flat.dtype)
-        if buf is None or buf.numel() < min(step, flat.numel()):
-            buf = scratch[flat.dtype] = torch.empty(min(step, flat.numel()), dtype=flat.dtype)
+        if flat.dtype not in scratch:
+            scratch[flat.dtype] = torch.empty(step, dtype=flat.dtype)
+        buf = scratch[flat.dtype]
         for start in range(0, flat.numel(), step):
             piece = flat[start : start + step]
             if piece.sum().isnan():
