@@ -65,8 +65,8 @@ def nonzero_count(tensors: Sequence[Tensor]) -> Tensor:
     """Number of non-zero entries (0-dim). On accelerators one multi-tensor kernel per
     device/dtype group (``_foreach_norm`` with ord 0: exact below 2^24 per tensor in float32).
     Under the CPU strategy of :mod:`zsharp_algos.order_stats`, where that kernel loops over the
-    tensors anyway and its branchy count slows down as the share of zeros grows (20 ms on
-    resnet18's ZSharp perturbation, against 6 ms here), ``|sign(t)|`` is summed piece by piece,
+    tensors anyway and its branchy count slows down as the share of zeros grows (docs/filter.md
+    has the before and after), ``|sign(t)|`` is summed piece by piece,
     each piece's count exact in float32. ``sign`` maps NaN to 0, so a piece whose plain sum is
     NaN (it holds a NaN, or infinities of both signs) is counted by ``count_nonzero`` instead: a
     host read, free on CPU tensors."""
