@@ -302,6 +302,7 @@ def _train_main():
     pytest.importorskip("sklearn")
     spec = importlib.util.spec_from_file_location("accelerate_train_example", TRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module.main
 
@@ -313,6 +314,17 @@ def _run(main, out, *extra):
     summary = main(args)
     reset_accelerate_state()
     return summary
+
+
+def test_example_script_routes_eps_to_the_base_and_perturb_eps_to_us():
+    main = _train_main()
+    module = sys.modules[main.__module__]
+    model = torch.nn.Linear(3, 2)
+    args = module.parse_args(["--optim", "sam", "--base-optim", "adamw", "--eps", "1e-3", "--perturb-eps", "1e-5"])
+    group = module.make_optimizer(args, model).param_groups[0]
+    assert (group["eps"], group["sharpness_perturb_eps"]) == (1e-3, 1e-5)
+    with pytest.raises(SystemExit, match="--eps: sgd takes no epsilon"):
+        module.make_optimizer(module.parse_args(["--base-optim", "sgd", "--eps", "1e-3"]), model)
 
 
 def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):

@@ -78,7 +78,8 @@ def composer_fit(model, algorithm, data, *, batch_size, batches, loggers=(), **t
 
 def plain_loop(model, optimizer_cls, kwargs, data, *, batch_size, batches):
     """The core optimizer in a hand-written loop over the same batches. Returns, per step,
-    whether it was a sharpness step, the first pass's loss and its gradients."""
+    whether it was a sharpness step, the first pass's loss and gradients, and the second pass's
+    loss (None on plain steps)."""
     x, y = data
     opt = optimizer_cls(sgd(model.parameters()), model=model, **kwargs)
     model.train()
@@ -86,19 +87,18 @@ def plain_loop(model, optimizer_cls, kwargs, data, *, batch_size, batches):
     for i in range(batches):
         j = i % (len(x) // batch_size)
         xb, yb = x[j * batch_size : (j + 1) * batch_size], y[j * batch_size : (j + 1) * batch_size]
-        first: dict = {}
+        passes: list = []
 
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
-            if not first:
-                first.update(loss=loss.item(), grads=[p.grad.clone() for p in model.parameters()])
+            passes.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
             return loss
 
         sharp = opt.is_sharpness_step()
         opt.step(closure)
-        steps.append((sharp, first["loss"], first["grads"]))
+        steps.append((sharp, passes[0][0], passes[0][1], passes[1][0] if sharp else None))
     return steps
 
 
@@ -204,9 +204,11 @@ def test_trainer_matches_plain_pytorch_loop(algorithm_cls, optimizer_cls, direct
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
     # The logged training loss is the first pass's (the perturbed pass is not logged).
-    assert logged(logger, "loss/train/total") == pytest.approx([loss for _, loss, _ in steps], rel=1e-6)
+    assert logged(logger, "loss/train/total") == pytest.approx([loss for _, loss, _, _ in steps], rel=1e-6)
     # Metrics of every sharpness step (log_interval=1), against the reference loop's gradients.
-    sharp_grads = [grads for sharp, _, grads in steps if sharp]
+    sharp_grads = [grads for sharp, _, grads, _ in steps if sharp]
+    gaps = [second - first for sharp, first, _, second in steps if sharp]
+    assert logged(logger, "sharpness/loss_gap") == pytest.approx(gaps, rel=1e-5, abs=1e-7)
     assert len(sharp_grads) == batches // interval
     prefix = "sharpness"  # one namespace for every framework
     norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() for grads in sharp_grads]
@@ -219,6 +221,24 @@ def test_trainer_matches_plain_pytorch_loop(algorithm_cls, optimizer_cls, direct
             kept = sum(int((m & (g != 0)).sum()) for m, g in zip(masks, grads))
             fractions.append(kept / sum(g.numel() for g in grads))
         assert logged(logger, "sharpness/perturbed_fraction") == pytest.approx(fractions, rel=1e-6)
+
+
+def test_options_reach_the_optimizer_they_are_meant_for():
+    """perturb_eps is the algorithm's; the trainer's Adam keeps its eps."""
+    model = seeded(mlp)
+    x, y = make_data(24)
+    trainer = Trainer(
+        model=ComposerClassifier(model, num_classes=NUM_CLASSES), train_dataloader=DataLoader(TensorDataset(x, y), batch_size=12),
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-3), max_duration="1ba", device="cpu",
+        algorithms=[ZSharpAlgorithm(perturb_eps=1e-5)], progress_bar=False, log_to_console=False,
+    )
+    trainer.fit()
+    group = trainer.state.optimizers[0].param_groups[0]
+    assert (group["eps"], group["sharpness_perturb_eps"]) == (1e-3, 1e-5)
+    with pytest.raises(TypeError, match="eps is the base optimizer's"):
+        ZSharpAlgorithm(eps=1e-5)
+    with pytest.raises(AttributeError, match="fixed when it is built"):
+        ZSharpAlgorithm().rho = 0.1
 
 
 @pytest.mark.parametrize("algorithm_cls", [SAMAlgorithm, ZSharpAlgorithm], ids=["sam", "zsharp"])

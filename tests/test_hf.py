@@ -461,6 +461,29 @@ def test_the_trainer_refuses_fsdp1_and_deepspeed_set_up_by_accelerate(tmp_path, 
     assert_same(model.state_dict(), start)
 
 
+@pytest.mark.parametrize("base", ["adamw_torch", "adafactor"])
+def test_options_reach_the_optimizer_they_are_meant_for(tmp_path, base):
+    """--adam_epsilon (and Adafactor's own pair of epsilons) stay the base's; --perturb_eps is ours."""
+    args = arguments(tmp_path, optim="zsharp", base_optim=base, adam_epsilon=1e-3, perturb_eps=1e-5, optim_args=None,
+                     max_steps=1)
+    trainer = train(args, Recorder(mlp()))
+    group = trainer.optimizer.param_groups[0]
+    assert group["sharpness_perturb_eps"] == 1e-5 and trainer.optimizer.optimizer.perturb_eps == 1e-5
+    assert group["eps"] == (1e-3 if base == "adamw_torch" else (1e-30, 1e-3))
+
+
+def test_the_launchers_warnings_point_at_the_script(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from transformers import HfArgumentParser, TrainingArguments\n"
+        "HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()\n"
+    )
+    with pytest.warns(UserWarning, match="--percentile ignored") as record:
+        launch_main([str(script), "--output_dir", str(tmp_path), "--optim", "sam", "--percentile", "50",
+                     "--report_to", "none"])
+    assert [w.filename for w in record if "--percentile" in str(w.message)] == [str(script)]
+
+
 def test_a_stock_trainer_given_a_zsharp_optimizer_says_which_trainer_to_use(tmp_path):
     """A half-migration (stock transformers.Trainer, our optimizer) fails at the first step with
     the fix named, before any weight changes."""
@@ -474,12 +497,11 @@ def test_a_stock_trainer_given_a_zsharp_optimizer_says_which_trainer_to_use(tmp_
 
 
 def test_a_stock_trainer_given_our_arguments_fails_before_training(tmp_path):
-    """The other half-migration (our TrainingArguments(optim="zsharp"), stock Trainer): transformers
-    itself refuses the optimizer name when it builds the optimizer, before any step, as the README
-    says; the fix is zsharp_algos.hf.Trainer (or the zsharp-hf launcher)."""
+    """The other half-migration (our TrainingArguments(optim="zsharp"), stock Trainer): it fails
+    when the Trainer builds the optimizer, before any step, naming the fix."""
     model = Recorder(mlp())
     start = copy.deepcopy(model.state_dict())
     args = arguments(tmp_path, optim="zsharp")
-    with pytest.raises(ValueError, match="unsupported optimizer"):
+    with pytest.raises(ValueError, match="use zsharp_algos.hf.Trainer .*zsharp-hf SCRIPT.py --optim zsharp"):
         train(args, model, trainer_cls=live_transformers().Trainer)
     assert_same(model.state_dict(), start)

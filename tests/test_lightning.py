@@ -524,6 +524,36 @@ def test_bad_set_ups_get_clear_errors():
         fit(Manual(), make_data(16), batch_size=16, steps=1, callbacks=[SAMCallback()])
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("optimizer", ["zsharp", "sam"])
+def test_a_core_optimizer_without_the_callback_is_refused_before_any_change(optimizer, precision):
+    """ZSharp(..., model=self) from configure_optimizers and no callback: Lightning's own step would
+    run the closure's hooks and logging at the perturbed weights; it fails naming the callback."""
+    module = Net(optimizer)
+    start = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(RuntimeError, match="without zsharp_algos' callback.*SharpnessAwareCallback"):
+        fit(module, make_data(16), batch_size=16, steps=1, precision=precision)
+    assert module.calls == 0 and all(torch.equal(v, start[k]) for k, v in module.net.state_dict().items())
+
+
+def test_options_reach_the_optimizer_they_are_meant_for():
+    """perturb_eps is the callback's; the eps of Adam stays the one configure_optimizers set."""
+
+    class AdamNet(Net):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-3)
+
+    trainer = fit(AdamNet(), make_data(16), batch_size=16, steps=1, callbacks=[ZSharpCallback(perturb_eps=1e-5)])
+    group = trainer.optimizers[0].param_groups[0]
+    assert (group["eps"], group["sharpness_perturb_eps"]) == (1e-3, 1e-5)
+    with pytest.raises(TypeError, match="eps is the base optimizer's; the norm epsilon is perturb_eps"):
+        ZSharpCallback(eps=1e-5)
+    callback = ZSharpCallback(rho=0.1)
+    with pytest.raises(AttributeError, match="fixed when it is built.*optimizer.rho"):
+        callback.rho = 0.2
+    assert callback.rho == 0.1
+
+
 # --------------------------------------------------------------------------- pytorch_lightning
 def test_pytorch_lightning_package_same_step():
     ptl = pytest.importorskip("pytorch_lightning")

@@ -292,7 +292,7 @@ def test_max_grad_norm_clips_the_second_pass_gradient():
         (dict(rho=-0.1), "rho"),
         (dict(interval=0), "interval"),
         (dict(interval=1.5), "interval"),
-        (dict(eps=-1.0), "eps"),
+        (dict(perturb_eps=-1.0), "perturb_eps"),
         (dict(percentile=0), "percentile"),
         (dict(percentile=100), "percentile"),
         (dict(percentile=-5), "percentile"),
@@ -348,11 +348,13 @@ def test_missing_closure_and_sparse_gradients_fail_before_weights_change():
 def test_repr_and_state_dict_are_plain():
     opt = ZSharp(make_model().parameters(), torch.optim.SGD, lr=0.1, percentile=95, scope="tensor")
     assert repr(opt) == (
-        "ZSharp(rho=0.05, interval=1, adaptive=False, eps=1e-12, percentile=95.0, scope='tensor', base=SGD)"
+        "ZSharp(rho=0.05, interval=1, adaptive=False, perturb_eps=1e-12, percentile=95.0, scope='tensor', base=SGD)"
     )
     state = opt.state_dict()
-    assert state["sharpness"] == {"optimizer": "ZSharp", "step_count": 0, "skipped_steps": 0}
-    assert state["param_groups"][0]["percentile"] == 95.0 and state["param_groups"][0]["scope"] == "tensor"
+    assert state["sharpness"] == {"optimizer": "ZSharp", "format": 2, "step_count": 0, "skipped_steps": 0}
+    group = state["param_groups"][0]
+    assert group["sharpness_percentile"] == 95.0 and group["sharpness_scope"] == "tensor"
+    assert not {"rho", "percentile", "scope", "interval", "adaptive", "eps"} & set(group)  # SGD's keys only
     with pytest.raises(ValueError, match="from a ZSharp optimizer"):
         SAM(make_model().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(opt.state_dict())
 
@@ -398,14 +400,15 @@ def test_options_round_trip_through_state_dict_per_group():
     model = make_model(bn=False)
     groups = [{"params": [model[0].weight], "rho": 0.2, "percentile": 90.0}, {"params": [model[2].weight], "rho": 0.0}]
     opt = ZSharp(groups, torch.optim.SGD, lr=0.1, rho=0.05, interval=2)
-    assert [(g["rho"], g["percentile"], g["interval"]) for g in opt.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
+    keys = ("sharpness_rho", "sharpness_percentile", "sharpness_interval")
+    assert [tuple(g[k] for k in keys) for g in opt.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
     state = copy.deepcopy(opt.state_dict())
     other = ZSharp(
         [{"params": [make_model(bn=False)[0].weight]}, {"params": [make_model(bn=False)[2].weight]}],
         torch.optim.SGD, lr=0.1,
     )
     other.load_state_dict(state)  # the saved options win, as torch restores lr
-    assert [(g["rho"], g["percentile"], g["interval"]) for g in other.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
+    assert [tuple(g[k] for k in keys) for g in other.param_groups] == [(0.2, 90.0, 2), (0.0, 70.0, 2)]
     with pytest.raises(ValueError, match="rho"):
         opt.add_param_group({"params": [model[2].bias], "rho": -1.0})
 
@@ -414,7 +417,7 @@ def test_no_perturbation_groups_splits_weights_from_biases_and_norms():
     model = make_model()
     groups = zsharp_algos.no_perturbation_groups(model, weight_decay=0.0)
     assert [p.dim() for p in groups[0]["params"]] == [2, 2]
-    assert groups[1]["rho"] == 0.0 and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["sharpness_rho"] == 0.0 and groups[1]["weight_decay"] == 0.0
     assert {id(p) for p in groups[1]["params"]} == {id(model[1].weight), id(model[1].bias), id(model[3].bias)}
     SAM(groups, torch.optim.SGD, lr=0.1, weight_decay=5e-4)  # builds
 
@@ -532,7 +535,7 @@ def test_drop_in_spellings_and_values_from_other_libraries():
 
     model = make_model()
     opt = SAM(params=model.parameters(), base_optimizer=torch.optim.SGD, lr=0.1, rho=np.float32(0.1))
-    assert opt.param_groups[0]["rho"] == pytest.approx(0.1) and type(opt.param_groups[0]["rho"]) is float
+    assert opt.rho == pytest.approx(0.1) and type(opt.param_groups[0]["sharpness_rho"]) is float
     create_optimizer("zsharp", model.parameters(), base=torch.optim.SGD, lr=0.1)  # a class, not a name
     with pytest.warns(UserWarning, match="percent in \\(0, 100\\), not a fraction.*percentile=70"):
         ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, percentile=0.7)

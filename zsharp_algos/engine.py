@@ -28,11 +28,15 @@ from torch import Tensor
 
 from ._tensors import group_by_device_dtype
 from .directions import Direction
+from .options import OPTIONS, GroupOptions
 from .placement import Placement
 from .sharding import local, shards_of
 from .stats import SharpnessStats, squared_norm
 
 __all__ = ["PerturbationEngine", "interval_due"]
+
+# the param-group keys the engine reads (zsharp_algos.options)
+RHO, INTERVAL, ADAPTIVE, EPS = (OPTIONS[n].key for n in ("rho", "interval", "adaptive", "perturb_eps"))
 
 
 def interval_due(step: int, interval: int) -> bool:
@@ -52,11 +56,14 @@ class PerturbationEngine:
     """Perturbs and restores the parameters of ``owner.param_groups``.
 
     Args:
-        owner: the optimizer whose ``param_groups`` (with the option keys ``rho``, ``interval``,
-            ``adaptive``, ``eps`` and the direction's own) say what to perturb.
+        owner: the optimizer whose ``param_groups`` (with the option keys ``sharpness_rho``,
+            ``sharpness_interval``, ``sharpness_adaptive``, ``sharpness_perturb_eps`` and the
+            direction's own) say what to perturb.
         direction: ``direction(**options)`` builds the :class:`Direction` for a pool, given the
             values of ``direction_options`` its groups share.
-        direction_options: names of the group keys the direction takes.
+        direction_options: names of the options the direction takes.
+        options: the :class:`~zsharp_algos.options.GroupOptions` that checks the groups' values
+            each time they are read (a value set mid-run is checked before it is used).
         record_stats: record :mod:`statistics <zsharp_algos.stats>` of every ``e`` into
             :attr:`stats` (a few multi-tensor reductions per perturbation; no host sync).
     """
@@ -69,10 +76,13 @@ class PerturbationEngine:
         *,
         record_stats: bool = True,
         placement: Placement | None = None,
+        options: GroupOptions,
     ):
         self.owner = owner
+        self.options = options
         self._make_direction = direction
         self._direction_options = tuple(direction_options)
+        self._direction_keys = tuple(OPTIONS[name].key for name in self._direction_options)
         self._directions: dict[tuple, Direction] = {}
         self.placement = placement if placement is not None else Placement()
         self.record_stats = bool(record_stats)
@@ -80,8 +90,10 @@ class PerturbationEngine:
 
     # ------------------------------------------------------------------ queries
     def groups_due(self, step: int) -> list[dict]:
-        """The param groups perturbed at step ``step``."""
-        return [g for g in self.owner.param_groups if g["rho"] > 0 and interval_due(step, g["interval"])]
+        """The param groups perturbed at step ``step`` (every group's options checked first)."""
+        groups = self.owner.param_groups
+        self.options.check(groups)
+        return [g for g in groups if g[RHO] > 0 and interval_due(step, g[INTERVAL])]
 
     def is_due(self, step: int) -> bool:
         """Whether anything is perturbed at step ``step``."""
@@ -96,7 +108,7 @@ class PerturbationEngine:
         return [p for g in self.owner.param_groups for p in g["params"] if p.requires_grad]
 
     def direction_for(self, group: dict) -> Direction:
-        key = tuple(group[k] for k in self._direction_options)
+        key = tuple(group[k] for k in self._direction_keys)
         if key not in self._directions:
             self._directions[key] = self._make_direction(**dict(zip(self._direction_options, key)))
         return self._directions[key]
@@ -148,7 +160,7 @@ class PerturbationEngine:
                 numel = sum(g.numel() for g in grads)
                 storage = self.placement.scratch(params, self._trainable_local, numel)
                 into_buffer = True
-            adaptive = [o["adaptive"] for o in owners]
+            adaptive = [o[ADAPTIVE] for o in owners]
             if shards is None:
                 norms = direction(params, grads, adaptive=adaptive, storage=storage)
             else:
@@ -175,8 +187,8 @@ class PerturbationEngine:
 def _scale_into_perturbation(params: list[Tensor], grads: list[Tensor], owners: list[dict], norms: Tensor) -> None:
     """``grads <- e = rho * T^2 * d / (nu + eps)`` in place (``grads`` hold ``d``), with
     multi-tensor kernels per device/dtype."""
-    rhos = [o["rho"] for o in owners]
-    epss = [o["eps"] for o in owners]
+    rhos = [o[RHO] for o in owners]
+    epss = [o[EPS] for o in owners]
     uniform_norm = norms.dim() == 0 or norms.stride(0) == 0  # one norm for every tensor (SAM, global scope)
     uniform_hp = len(set(rhos)) == 1 and len(set(epss)) == 1
     norm_dtype = norms.dtype
@@ -188,7 +200,7 @@ def _scale_into_perturbation(params: list[Tensor], grads: list[Tensor], owners: 
         eps = epss[0] if len(set(epss)) == 1 else _device_floats(tuple(epss), device, norm_dtype)
         coefs = list((rho / (norms.expand(len(grads)) + eps)).unbind())
     for idx, (ps, gs) in group_by_device_dtype(params, grads):
-        adaptive = [i for i in idx if owners[i]["adaptive"]]
+        adaptive = [i for i in idx if owners[i][ADAPTIVE]]
         if adaptive:
             if len(adaptive) == len(idx):
                 torch._foreach_mul_(gs, ps)

@@ -20,6 +20,10 @@ protocol, the step counter, checkpoints); the math is in :mod:`zsharp_algos.engi
 """
 from __future__ import annotations
 
+import functools
+import numbers
+import warnings
+import weakref
 from contextlib import nullcontext
 from typing import Any, Callable, Iterable
 
@@ -30,11 +34,35 @@ from .batchnorm import frozen_norm_stats, norm_layers_seen
 from .directions import Direction, GradientDirection, ZScoreDirection
 from .engine import PerturbationEngine
 from .sharding import local
-from .options import OPTIONS, SAM_OPTIONS, ZSHARP_OPTIONS, Option, check_options, fill_group
+from .options import OPTIONS, SAM_OPTIONS, ZSHARP_OPTIONS, GroupOptions, Option, check_options, keywords_of
 
 __all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "SkipStep"]
 
 Closure = Callable[[], Any]
+
+
+def _option_attribute(name: str) -> property:
+    def get(self):
+        return self.group_options.value(self.param_groups, name)
+
+    def set(self, value):
+        value = self.group_options.set_all(self.param_groups, name, value)
+        self._options_defaults[name] = value  # groups added later get it too
+        self.defaults[OPTIONS[name].key] = value
+
+    get.__name__ = name
+    return property(
+        get,
+        set,
+        doc=f"The {name} of every param group (``param_groups[i][{OPTIONS[name].key!r}]``). Setting it sets it in "
+        "every group; reading or setting raises ``ValueError`` while the groups differ (then use param_groups).",
+    )
+
+
+def _add_option_attributes(cls: type) -> None:
+    for option in cls.options:
+        if not isinstance(getattr(cls, option.name, None), property):
+            setattr(cls, option.name, _option_attribute(option.name))
 
 
 class SkipStep(Exception):
@@ -86,6 +114,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: Composer's trainer passes closures under fp16 only to optimizers that set this.
     _step_supports_amp_closure = True
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _add_option_attributes(cls)  # opt.percentile for ZSharp, and each subclass's own options
+
     def __init__(
         self,
         params: Iterable | torch.optim.Optimizer | None = None,
@@ -105,9 +137,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             params = kwargs.pop("params_or_optimizer")
         if params is None:
             raise TypeError(f"{owner} needs params (parameters or param groups, or an optimizer instance to wrap)")
-        # Every known option is checked here, before the base optimizer sees the rest: one this
+        # Our options are checked here, before the base optimizer sees the rest: one this
         # optimizer does not take (percentile for SAM) is named as such, not blamed on SGD.
-        given = check_options({k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}, self.options, owner)
+        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+        _refuse_shared_keywords(ours, params, base_optimizer, kwargs, owner)
+        given = check_options(ours, self.options, owner)
         options = {**{o.name: o.default for o in self.options}, **given}
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and max_grad_norm > 0
@@ -118,12 +152,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         base = _base_optimizer(params, base_optimizer, kwargs, owner)
         self.base_optimizer = base
         self._options_defaults = options
+        self.group_options = GroupOptions(self.options, owner, base_names=base.defaults)
         self.max_grad_norm = max_grad_norm
         self.model = model
         self.schedule = schedule
         self.step_count = 0
         self.skipped_steps = 0
         self._first_step_done = False  # first_step() ran since the last base step
+        self._left_grad: tuple[Any, int] | None = None  # (weakref to a gradient, its version) after step(closure)
+        self._warned_ported_loop = False
         # Share param_groups and state with the base: LR schedulers, grad clipping and framework
         # code that inspects the optimizer see (and change) the base's. Optimizer.__init__ gets
         # copies of the groups only to set up its hooks; add_param_group below tells it apart.
@@ -132,9 +169,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.state = base.state
         for group in self.param_groups:
             self._fill_options(group)
-        self.defaults = dict(base.defaults, **options)
+        self.defaults = dict(base.defaults, **{OPTIONS[k].key: v for k, v in options.items()})
         make_direction = (lambda: direction) if direction is not None else self.make_direction
-        self.engine = PerturbationEngine(self, make_direction, self.direction_options, record_stats=record_stats)
+        self.engine = PerturbationEngine(
+            self, make_direction, self.direction_options, record_stats=record_stats, options=self.group_options
+        )
 
     # ------------------------------------------------------------------ options
     @staticmethod
@@ -143,8 +182,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return GradientDirection()
 
     def _fill_options(self, group: dict) -> None:
-        """Give ``group`` every option (the constructor's values where it sets none), validated."""
-        fill_group(group, self._options_defaults, self.options, type(self).__name__)
+        """Give ``group`` every option under its key (the constructor's values where it sets
+        none), validated."""
+        self.group_options.fill(group, self._options_defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "engine"):
@@ -157,13 +197,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return self.engine.stats
 
     def record_loss_gap(self, first: Any, second: Any) -> None:
-        """Record ``L(w + e) - L(w)`` of one (micro-)batch, if both passes returned a loss tensor
-        and statistics are recorded."""
-        if self.engine.record_stats and isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        """Record ``L(w + e) - L(w)`` of one (micro-)batch, if both passes returned a loss (a
+        tensor, or a number: Composer's closure returns floats) and statistics are recorded."""
+        if not self.engine.record_stats:
+            return
+        first, second = _loss_tensor(first), _loss_tensor(second)
+        if first is not None and second is not None:
             self.stats.add_loss_gap(first, second)
 
     def hparams(self) -> dict[str, Any]:
-        """The constructor's option values (plain Python types); groups may override them."""
+        """The option values new param groups get (the constructor's, or what was last set
+        through the attributes), plain Python types; groups may override them."""
         return dict(self._options_defaults)
 
     # ------------------------------------------------------------------ the step
@@ -203,10 +247,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     "pass a closure (zero_grad + forward + backward + return loss), or call first_step() and "
                     "second_step() around your second forward/backward. A framework that owns backward needs our "
                     "integration: zsharp_algos.hf.Trainer (or the zsharp-hf launcher) for the Hugging Face Trainer, "
-                    "zsharp_algos.accelerate_loop.TwoPassBackward for accelerate loops, the Composer algorithms"
+                    "zsharp_algos.accelerate_loop.TwoPassBackward for accelerate loops, the Composer algorithms, "
+                    "and for Lightning zsharp_algos.lightning.SharpnessAwareCallback (or LightningSAM / LightningZSharp)"
                 )
             self.base_step()
             return None
+        _refuse_lightning_closure(self, closure)
+        self._warn_if_ported_loop()
+        loss = self.closure_step(closure)
+        self._remember_gradients()
+        return loss
+
+    def closure_step(self, closure: Closure) -> Any:
+        """:meth:`step` with a closure, without its checks of how it is called (a framework's
+        driver that has run micro-batches' backward passes before the step calls this)."""
         closure = torch.enable_grad()(closure)
         try:
             if not self.is_sharpness_step():
@@ -228,6 +282,32 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return None
         self.base_step()
         return loss
+
+    def _warn_if_ported_loop(self) -> None:
+        """Warn once if ``step(closure)`` finds gradients that it did not leave: a backward ran
+        outside the closure, as in loops written for SAM implementations whose closure runs only
+        the second pass (here that is a third forward and backward)."""
+        if self._warned_ported_loop:
+            return
+        grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if grad is None:
+            return
+        left = self._left_grad
+        if left is not None and left[0]() is grad and left[1] == grad._version:
+            return
+        self._warned_ported_loop = True
+        warnings.warn(
+            f"{type(self).__name__}.step(closure) found gradients already computed: our closure runs a whole pass "
+            "(zero_grad, forward, backward) and step() calls it twice, so a backward before step(closure), as in "
+            "loops written for other SAM implementations, costs a third forward and backward. Drop it and call "
+            "opt.zero_grad() at the top of the closure (README, 'Coming from other SAM code')",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _remember_gradients(self) -> None:
+        grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        self._left_grad = None if grad is None else (weakref.ref(grad), grad._version)
 
     def _is_state_initialisation(self) -> bool:
         """Whether this closure-less ``step()`` is ``torch.distributed.checkpoint``'s (and
@@ -293,6 +373,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self._remember_gradients()  # zeroed in place by us: not a backward run outside the closure
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (momentum etc.; the options ride in its
@@ -301,6 +382,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         sd = self.base_optimizer.state_dict()
         sd["sharpness"] = {
             "optimizer": type(self).__name__,
+            "format": STATE_FORMAT,
             "step_count": self.step_count,
             "skipped_steps": self.skipped_steps,
         }
@@ -330,9 +412,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             for name, key in _GROUP_KEYS.items():
                 if key in group:
                     extra.setdefault(name, group.pop(key))
+            if extra.get("format", 1) < 2:
+                self._migrate_format_1(group)
             self._fill_options(group)
         self.step_count = int(extra.get("step_count", self.step_count))
         self.skipped_steps = int(extra.get("skipped_steps", self.skipped_steps))
+
+    def _migrate_format_1(self, group: dict) -> None:
+        """A group saved before the options had keys of their own: the plain ``rho``, ``interval``,
+        ... are moved by :meth:`_fill_options` (unless the base owns the name); the norm epsilon
+        was ``eps``: it becomes ``perturb_eps`` where the base takes no ``eps`` (SGD), and stays the
+        base's where it does (Adam's ``eps`` was then read as both)."""
+        if "eps" in group and "eps" not in self.base_optimizer.defaults:
+            group.setdefault(OPTIONS["perturb_eps"].key, group.pop("eps"))
 
     def __getstate__(self):
         return self.__dict__
@@ -347,6 +439,38 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
 #: The counters' keys in the saved param groups (see state_dict).
 _GROUP_KEYS = {"step_count": "sharpness_step_count", "skipped_steps": "sharpness_skipped_steps"}
+#: The checkpoint layout: 2 keeps the options under prefixed group keys (1, before: plain keys,
+#: the norm epsilon as ``eps``).
+STATE_FORMAT = 2
+_LIGHTNING_ROOTS = ("lightning", "pytorch_lightning")
+
+
+def _refuse_lightning_closure(opt: "SharpnessAwareOptimizer", closure: Any) -> None:
+    """Lightning's precision plugin steps optimizers with a ``partial`` of its ``_wrap_closure``,
+    which runs the hooks and clipping after every call: our calling it twice would log the
+    perturbed loss and run ``on_before_optimizer_step`` twice. Only our callback's driver steps
+    correctly there."""
+    if not isinstance(closure, functools.partial):
+        return
+    module = getattr(closure.func, "__module__", None) or ""
+    if module.split(".")[0] not in _LIGHTNING_ROOTS:
+        return
+    name = type(opt).__name__
+    raise RuntimeError(
+        f"{name} is being stepped by Lightning without zsharp_algos' callback, which runs its two passes: add "
+        "zsharp_algos.lightning.SharpnessAwareCallback() to Trainer(callbacks=...), or return "
+        f"zsharp_algos.lightning.Lightning{name.removeprefix('Lightning')}(..., model=self) from configure_optimizers "
+        "(it adds the callback), or return a plain optimizer and use SAMCallback(...) / ZSharpCallback(...). "
+        "In manual optimization, drive first_step() / second_step() on self.optimizers().optimizer"
+    )
+
+
+def _loss_tensor(loss: Any) -> torch.Tensor | None:
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return torch.tensor(float(loss))  # already on the host: no sync
+    return None
 
 
 def _kind(class_name: str) -> str:
@@ -357,14 +481,43 @@ def _kind(class_name: str) -> str:
     return class_name
 
 
+def _refuse_shared_keywords(ours: dict, params, base_optimizer, base_kwargs: dict, owner: str) -> None:
+    """Refuse a keyword that both we and the base optimizer class take (Adadelta's ``rho``):
+    which one it was meant for cannot be told, and a radius of 0.9 or a decay of 0.05 would each
+    train silently. Also name ``perturb_eps`` when ``eps`` reaches a base that takes none."""
+    if not isinstance(base_optimizer, type) or isinstance(params, torch.optim.Optimizer):
+        return
+    taken = keywords_of(base_optimizer)
+    if taken is None:  # the base takes **kwargs: nothing to tell
+        return
+    base_name = base_optimizer.__name__
+    shared = [k for k in ours if k in taken]
+    if shared:
+        k = shared[0]
+        raise TypeError(
+            f"{owner}: {base_name} takes {k}= itself, so {k}= here could mean either; build the base optimizer "
+            f"yourself and wrap it: {owner}({base_name}(params, {k}=...), {k}=...) (the instance keeps its own "
+            f"{k}; the value given to {owner} is the sharpness option)"
+        )
+    if "eps" in base_kwargs and "eps" not in taken:
+        raise TypeError(
+            f"{owner}: eps= is passed to the base optimizer, and {base_name} takes none; the epsilon added to "
+            "the norm that divides rho is perturb_eps="
+        )
+
+
 def _base_optimizer(params, base_optimizer, base_kwargs: dict, owner: str) -> torch.optim.Optimizer:
     if isinstance(params, SharpnessAwareOptimizer):
         raise TypeError(f"cannot wrap a sharpness-aware optimizer ({type(params).__name__}) in {owner}")
     if isinstance(params, torch.optim.Optimizer):
         if base_optimizer is not None or base_kwargs:
+            hint = (
+                " (eps= belongs to the optimizer you built; the norm epsilon is perturb_eps=)"
+                if "eps" in base_kwargs else ""
+            )
             raise TypeError(
                 f"{owner}: pass either an optimizer instance, or parameters + base_optimizer class + its kwargs, "
-                f"not both (got extra {sorted(base_kwargs) or 'base_optimizer'})"
+                f"not both (got extra {sorted(base_kwargs) or 'base_optimizer'}){hint}"
             )
         return params
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -373,6 +526,9 @@ def _base_optimizer(params, base_optimizer, base_kwargs: dict, owner: str) -> to
             f"got {base_optimizer!r} (or pass an optimizer instance instead of parameters)"
         )
     return base_optimizer(params, **base_kwargs)
+
+
+_add_option_attributes(SharpnessAwareOptimizer)
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -419,10 +575,3 @@ class ZSharp(SharpnessAwareOptimizer):
     def make_direction(percentile: float, scope: str) -> Direction:
         return ZScoreDirection(percentile, scope)
 
-    @property
-    def percentile(self) -> float:
-        return self._options_defaults["percentile"]
-
-    @property
-    def scope(self) -> str:
-        return self._options_defaults["scope"]

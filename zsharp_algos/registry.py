@@ -6,13 +6,14 @@ takes instead of keeping its own filter, so a new variant is one registration.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
 from .optimizer import SAM, SharpnessAwareOptimizer, ZSharp
-from .options import Option
+from .options import Option, keywords_of
 
 __all__ = [
     "OptimizerInfo",
@@ -22,6 +23,7 @@ __all__ = [
     "is_sharpness_optimizer",
     "base_optimizer_class",
     "register_optimizer",
+    "base_kwargs",
     "create_optimizer",
     "list_optimizers",
 ]
@@ -73,13 +75,18 @@ def list_optimizers() -> list[str]:
     return sorted(SHARPNESS_OPTIMIZERS) + sorted(BASE_OPTIMIZERS)
 
 
-def _lookup(table: dict, name, what: str):
+def _lookup(table: dict, name, what: str, choices: Iterable[str] | None = None):
+    """``table[name]`` (case-insensitive); an unknown name fails listing ``choices`` (default:
+    the table's names), the closest first."""
+    choices = sorted(table) if choices is None else list(choices)
     if not isinstance(name, str):
-        raise TypeError(f"{what} must be given by name (one of {sorted(table)}), got {name!r}")
+        raise TypeError(f"{what} must be given by name (one of {', '.join(choices)}), got {name!r}")
     try:
         return table[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(table))}") from None
+        close = difflib.get_close_matches(name.strip().lower(), choices, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"unknown {what} {name!r}; {hint}choose one of {', '.join(choices)}") from None
 
 
 def optimizer_info(name: str) -> OptimizerInfo:
@@ -98,6 +105,13 @@ def base_optimizer_class(base) -> Callable[..., torch.optim.Optimizer]:
     return _lookup(BASE_OPTIMIZERS, base, "base optimizer")
 
 
+def base_kwargs(base, **values) -> dict:
+    """The ``values`` that base optimizer ``base`` (a name or class) takes, ``None`` values left
+    out: one command line serves every base (``--momentum`` reaches SGD, ``--eps`` Adam)."""
+    taken = keywords_of(base_optimizer_class(base))
+    return {k: v for k, v in values.items() if v is not None and (taken is None or k in taken)}
+
+
 def create_optimizer(name: str, params: Iterable, *, base="sgd", **kwargs) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``params``.
 
@@ -108,4 +122,4 @@ def create_optimizer(name: str, params: Iterable, *, base="sgd", **kwargs) -> to
     """
     if is_sharpness_optimizer(name):
         return optimizer_info(name).cls(params, base_optimizer_class(base), **kwargs)
-    return _lookup(BASE_OPTIMIZERS, name, "optimizer")(params, **kwargs)
+    return _lookup(BASE_OPTIMIZERS, name, "optimizer", list_optimizers())(params, **kwargs)

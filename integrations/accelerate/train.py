@@ -54,8 +54,8 @@ from zsharp_algos.accelerate_loop import TwoPassBackward
 from zsharp_algos.demo import build_model
 from zsharp_algos.demo.data import load_data
 from zsharp_algos.demo.devices import resolve_device
-from zsharp_algos.options import add_cli_options, cli_values
-from zsharp_algos.registry import BASE_OPTIMIZERS, SHARPNESS_OPTIMIZERS, create_optimizer, optimizer_info
+from zsharp_algos.options import DefaultsHelpFormatter, add_cli_options, cli_values
+from zsharp_algos.registry import BASE_OPTIMIZERS, SHARPNESS_OPTIMIZERS, base_kwargs, create_optimizer, optimizer_info
 
 OPTIMIZERS = ("sgd",) + tuple(SHARPNESS_OPTIMIZERS)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -63,7 +63,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet18", help="any timm model name (created untrained)")
@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine decay)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--eps", type=float, default=None, help="adam / adamw epsilon (the base optimizer's; default its own)")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient the base optimizer uses")
     add_cli_options(g, rho=0.1)  # rho 0.1: the digits task has 40% label noise
@@ -141,12 +142,19 @@ def load_datasets(args) -> tuple[Dataset, Dataset, int]:
 # --------------------------------------------------------------------------- optimizer
 def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if args.base_optim == "sgd":
-        kwargs["momentum"] = args.momentum
+    kwargs.update(base_only_flags(args))
     if args.optim == "sgd":
         return create_optimizer(args.base_optim, model.parameters(), **kwargs)
     kwargs.update(cli_values(args, optimizer_info(args.optim).options))
     return create_optimizer(args.optim, model.parameters(), base=args.base_optim, **kwargs)
+
+
+def base_only_flags(args) -> dict:
+    """--momentum for SGD, --eps for the Adam family: the flags the chosen base optimizer takes."""
+    kwargs = base_kwargs(args.base_optim, momentum=args.momentum, eps=args.eps)
+    if args.eps is not None and "eps" not in kwargs:
+        raise SystemExit(f"--eps: {args.base_optim} takes no epsilon (the sharpness norm's is --perturb-eps)")
+    return kwargs
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):

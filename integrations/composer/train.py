@@ -39,6 +39,7 @@ from zsharp_algos import create_optimizer
 from zsharp_algos._optional import require
 from zsharp_algos.composer import SAMAlgorithm, ZSharpAlgorithm
 from zsharp_algos.demo.data import load_data
+from zsharp_algos.options import DefaultsHelpFormatter
 from zsharp_algos.registry import SHARPNESS_OPTIMIZERS
 
 ALGORITHMS = {"sam": SAMAlgorithm, "zsharp": ZSharpAlgorithm}
@@ -159,7 +160,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
 
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> Trainer:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (yamls/composer/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_duration=2ep")
     args = parser.parse_args(argv)

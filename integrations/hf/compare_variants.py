@@ -27,6 +27,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from zsharp_algos.options import DefaultsHelpFormatter
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # --variants key: (label in the table, the arguments that make the variant)
     "sgd": ("sgd", ["--optim", "sgd"]),
@@ -88,7 +90,7 @@ def run(key: str, seed: int, out: Path, extra: list[str], tag: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (the first is the time reference)")

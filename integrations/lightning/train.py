@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from zsharp_algos.demo import build_model, load_data
 from zsharp_algos.lightning import SAMCallback, ZSharpCallback
-from zsharp_algos.options import add_cli_options, cli_values
-from zsharp_algos.registry import BASE_OPTIMIZERS, create_optimizer, optimizer_info
+from zsharp_algos.options import DefaultsHelpFormatter, add_cli_options, cli_values
+from zsharp_algos.registry import BASE_OPTIMIZERS, base_kwargs, create_optimizer, optimizer_info
 
 CALLBACKS = {"sam": SAMCallback, "zsharp": ZSharpCallback}
 OPTIMIZERS = ("sgd",) + tuple(CALLBACKS)
@@ -60,7 +60,7 @@ PAPER = dict(optim="zsharp", base_optim="adam", lr=1e-3, weight_decay=0.0, rho=0
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet18", help="any timm model name (created untrained)")
@@ -79,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine decay)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--eps", type=float, default=None, help="adam / adamw epsilon (the base optimizer's; default its own)")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     add_cli_options(g, rho=0.1)
     g.add_argument("--sync-first-pass", action="store_true", help="DDP: all-reduce the first pass too")
@@ -134,13 +135,19 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         a = self.args
-        kwargs = dict(lr=a.lr, weight_decay=a.weight_decay)
-        if a.base_optim == "sgd":
-            kwargs["momentum"] = a.momentum
+        kwargs = dict(lr=a.lr, weight_decay=a.weight_decay, **base_only_flags(a))
         optimizer = create_optimizer(a.base_optim, self.parameters(), **kwargs)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, a.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def base_only_flags(args) -> dict:
+    """--momentum for SGD, --eps for the Adam family: the flags the chosen base optimizer takes."""
+    kwargs = base_kwargs(args.base_optim, momentum=args.momentum, eps=args.eps)
+    if args.eps is not None and "eps" not in kwargs:
+        raise SystemExit(f"--eps: {args.base_optim} takes no epsilon (the sharpness norm's is --perturb-eps)")
+    return kwargs
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import ClosureGradScaler
 from .._optional import require
-from ..options import add_cli_options, cli_values
+from ..options import DefaultsHelpFormatter, add_cli_options, cli_values
 from ..registry import SHARPNESS_OPTIMIZERS, create_optimizer, is_sharpness_optimizer, optimizer_info
 from . import report
 from .data import DATASETS, ImageData, load_data
@@ -94,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="zsharp-compare",
         description="Train the same timm model with SGD, SAM and ZSharp (same init, same data order per seed) "
         "and compare final test accuracy, loss and cost.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("what to compare")
     g.add_argument("--optimizers", type=_optimizers, default="sgd,sam,zsharp", help="comma-separated")

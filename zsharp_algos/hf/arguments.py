@@ -62,8 +62,35 @@ SharpnessOptimizerNames = ExplicitEnum(
     module=__name__,
 )
 
+def _refuse_in_the_stock_trainer(name: str):
+    def handler(ctx: Any):
+        raise ValueError(
+            f"--optim {name} runs two forward/backward passes a step, which transformers' own Trainer cannot: use "
+            "zsharp_algos.hf.Trainer (from zsharp_algos.hf import Trainer, TrainingArguments), or run the script "
+            f"unchanged through the launcher: zsharp-hf SCRIPT.py --optim {name} ..."
+        )
+
+    return handler
+
+
+def _register_refusals() -> None:
+    """A stock ``transformers.Trainer`` given these arguments looks ``--optim`` up in its table of
+    optimizer handlers and, for a name it does not know, fails with "unsupported optimizer", which
+    names no fix. Our names get a handler there that names it (our Trainer never reaches it: it
+    builds the ``--base_optim`` optimizer and wraps it)."""
+    try:
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+    except ImportError:  # another transformers layout: its own message stands
+        return
+    for member in SharpnessOptimizerNames:
+        if member.value in SHARPNESS_OPTIMIZERS:
+            _OPTIMIZER_HANDLERS.setdefault(member, _refuse_in_the_stock_trainer(member.value))
+
+
+_register_refusals()
+
 #: The option fields these arguments add (the ones every registered optimizer may take).
-SHARPNESS_FIELDS = ("rho", "percentile", "scope", "interval", "adaptive")
+SHARPNESS_FIELDS = ("rho", "percentile", "scope", "interval", "adaptive", "perturb_eps")
 DEFAULT_OPTIM = getattr(HFTrainingArguments, "default_optim", "adamw_torch")  # transformers' own default
 
 
@@ -118,7 +145,24 @@ def warn_unused_flags(args: Any) -> None:
         flags = " ".join(f"--{k}" for k in unused)
         target = f"--optim {_value(args.optim)}" if name is None else f"--optim {name}"
         hint = "use --optim sam or --optim zsharp" if name is None else "they are --optim zsharp options"
-        warnings.warn(f"{flags} ignored: {target} does not use them ({hint})", UserWarning, stacklevel=3)
+        warnings.warn(f"{flags} ignored: {target} does not use them ({hint})", UserWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package,
+    transformers and the dataclass machinery (whose generated ``__init__`` is ``<string>``): the
+    user's script line that built the arguments."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["zsharp_algos"], sys.modules["transformers"]))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(skip) or name.startswith("<") or name.endswith(("dataclasses.py", "hf_argparser.py"))):
+            return level  # stacklevel 1 is the function that calls warnings.warn (warn_unused_flags)
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 #: The way out named when a setup is refused.
@@ -182,6 +226,7 @@ class SharpnessArgumentsMixin:
     scope: Literal["global", "tensor"] = field(default=OPTIONS["scope"].default, metadata={"help": _help("scope")})
     interval: int = field(default=OPTIONS["interval"].default, metadata={"help": _help("interval")})
     adaptive: bool = field(default=OPTIONS["adaptive"].default, metadata={"help": _help("adaptive")})
+    perturb_eps: float = field(default=OPTIONS["perturb_eps"].default, metadata={"help": _help("perturb_eps")})
 
     def __post_init__(self):
         optim = _optimizer_name(self.optim, SharpnessOptimizerNames, "--optim")

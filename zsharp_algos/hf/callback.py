@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 
 from .._tensors import group_by_device_dtype
 from ..engine import PerturbationEngine
-from ..options import fill_group
+from ..options import GroupOptions
 from ..registry import optimizer_info
 from ..sharding import is_sharded
 from ..two_pass import find_sharpness_optimizer
@@ -106,9 +106,12 @@ class SharpnessCallback(TrainerCallback):
         base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         if any(is_sharded(p) for g in base.param_groups for p in g["params"]):
             self._refuse_sharded("FSDP (the parameters are sharded DTensors)")
+        options = GroupOptions(self.info.options, type(self).__name__, base_names=base.defaults)
         for group in base.param_groups:
-            fill_group(group, self.hparams, self.info.options, type(self).__name__)
-        self.engine = PerturbationEngine(base, self.info.cls.make_direction, self.info.cls.direction_options)
+            options.fill(group, self.hparams)
+        self.engine = PerturbationEngine(
+            base, self.info.cls.make_direction, self.info.cls.direction_options, options=options
+        )
 
     # -------------------------------------------------------------- the step
     @torch.no_grad()

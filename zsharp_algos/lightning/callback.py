@@ -85,7 +85,9 @@ class SAMCallback(SAMHooks, SharpnessAwareCallback):
             ``global_step``: steps ``interval - 1``, ``2 * interval - 1``, ... 0-based); plain
             steps in between. Default ``1``.
         adaptive (bool): ASAM's element-wise scaling by ``|w|`` (use ``rho`` 0.5 to 2).
-        eps (float): added to the norm that divides ``rho``. Default ``1e-12``."""
+        perturb_eps (float): added to the norm that divides ``rho``. Default ``1e-12``. (The
+            base optimizer's own ``eps``, Adam's say, is set where ``configure_optimizers``
+            builds it.)"""
         + _ARGS
         + _HOW
     )
@@ -109,7 +111,7 @@ class ZSharpCallback(ZSharpHooks, SharpnessAwareCallback):
         scope (str): ``"global"`` (default; one threshold over the model, SAM's global norm) or
             ``"tensor"`` (the paper's official code: a threshold and a normalisation per weight
             tensor with ``ndim > 1``).
-        interval, adaptive, eps: as :class:`SAMCallback`."""
+        interval, adaptive, perturb_eps: as :class:`SAMCallback`."""
         + _ARGS
         + _HOW
     )

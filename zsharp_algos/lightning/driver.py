@@ -242,7 +242,8 @@ class SharpnessAwareDriver:
         current = recorded[-1] if recorded else (closure if isinstance(closure, Closure) else None)
         earlier = recorded[:-1]
         try:
-            return optimizer.step(self._pass_closure(optimizer, model, closure, current, earlier))
+            # closure_step: earlier micro-batches' backward passes have run, by design
+            return optimizer.closure_step(self._pass_closure(optimizer, model, closure, current, earlier))
         finally:
             if self.scaler is not None:
                 self.scaler.update()
