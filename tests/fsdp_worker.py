@@ -143,24 +143,24 @@ class Recorder:
     def __init__(self):
         self.thresholds, self.norms = [], []
         self._apply = D._apply_masks
-        self._scale = zsharp_algos.engine._scale_into_perturbation
+        self._coefficients = zsharp_algos.engine.coefficients
 
     def __enter__(self):
         def apply(ws, thresholds, *a, **k):
             self.thresholds.append(thresholds.clone())
             return self._apply(ws, thresholds, *a, **k)
 
-        def scale(params, grads, owners, norms):
+        def coefficients(owners, norms):
             self.norms.append(norms.clone())
-            return self._scale(params, grads, owners, norms)
+            return self._coefficients(owners, norms)
 
         D._apply_masks = apply
-        zsharp_algos.engine._scale_into_perturbation = scale
+        zsharp_algos.engine.coefficients = coefficients
         return self
 
     def __exit__(self, *exc):
         D._apply_masks = self._apply
-        zsharp_algos.engine._scale_into_perturbation = self._scale
+        zsharp_algos.engine.coefficients = self._coefficients
 
 
 def run_configs(mesh, dp_rank, dp_size, factor):
@@ -259,7 +259,7 @@ def mask_checks(mesh):
         shards = zsharp_algos.sharding.shards_of(dws)
         grads_local = [zsharp_algos.sharding.local(g) for g in dts]
         with Recorder() as rec:
-            norms = direction([zsharp_algos.sharding.local(w) for w in dws], grads_local, adaptive=adaptive, shards=shards)
+            norms = direction([zsharp_algos.sharding.local(w) for w in dws], grads_local, adaptive=adaptive, shards=shards).norms
         got = [full(g) for g in dts]  # the local shards were written in place
         differ = sum(int(((a != 0) != (b != 0)).sum()) for a, b in zip(got, ref_grads))
         out[name] = {

@@ -12,13 +12,16 @@ alone).
 
 The call contract::
 
-    norms = direction(params, grads, adaptive=[...], storage=None)   # 1-D, one entry per tensor
+    ascent = direction(params, grads, adaptive=[...], storage=None, stats=False)   # an Ascent
 
 A direction writes :math:`d` into the gradients **in place** (they are not needed afterwards:
-the second pass recomputes them) and returns the norms :math:`\nu_i` (float32, or float64 when
-the gradients are float64, on the gradients' device). ``rho`` and ``eps`` are per param group,
-so they are not the direction's business: the caller forms :math:`e_i` with multi-tensor
-kernels, identically for every direction.
+the second pass recomputes them) and returns an :class:`Ascent`: the norms :math:`\nu_i`
+(float32, or float64 when the gradients are float64, on the gradients' device) and, asked with
+``stats=True``, what it knows anyway of :math:`g` and :math:`d` for the logged
+:mod:`statistics <zsharp_algos.stats>` (``||g||``, the entries it keeps), so that recording them
+costs no pass over the gradients. ``rho`` and ``eps`` are per param group, so they are not the
+direction's business: the caller forms :math:`e_i` with multi-tensor kernels, identically for
+every direction.
 
 Directions:
 
@@ -70,7 +73,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -92,14 +95,35 @@ from .order_stats import (
 )
 from .segments import Workspace, layout_for, value_dtype
 from .sharding import Shards
+from .stats import nonzero_count, squared_norm
 
-__all__ = ["Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
+__all__ = ["Ascent", "Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
 
 FALLBACK_FRACTION = 0.2  # global scope: a tensor that keeps nothing keeps its top 20% by |z|
 
 
+class Ascent(NamedTuple):
+    """What a direction returns (the direction ``d`` itself is in the gradients).
+
+    Attributes:
+        norms: ``nu_i``, the norm that divides tensor ``i`` (1-D; a stride-0 view when one norm
+            divides them all).
+        d_sq: ``||T_i d_i||^2`` of each whole tensor where the norms are per tensor and
+            differ from it (the tensor scope), for ``||e||``; None otherwise.
+        grad_sq: ``||g||^2`` over the first-pass gradients, whole tensors (0-dim), when asked
+            for statistics.
+        kept: how many entries ``d`` keeps (0-dim, whole tensors), when asked for statistics;
+            None: all of them.
+    """
+
+    norms: Tensor
+    d_sq: Tensor | None = None
+    grad_sq: Tensor | None = None
+    kept: Tensor | None = None
+
+
 class Direction:
-    """Builds the ascent direction in place and returns the per-tensor norms that divide it."""
+    """Builds the ascent direction in place and returns its :class:`Ascent`."""
 
     name = "base"
     uses_storage = False  # whether it works in the ``storage`` buffer when one is lent
@@ -112,8 +136,10 @@ class Direction:
         adaptive: Sequence[bool],
         storage: Tensor | None = None,
         shards: Shards | None = None,
-    ) -> Tensor:
-        """Write the direction ``d`` into ``grads`` and return the 1-D tensor of norms ``nu_i``.
+        stats: bool = False,
+    ) -> Ascent:
+        """Write the direction ``d`` into ``grads`` and return the norms ``nu_i`` (and, with
+        ``stats``, ``||g||^2`` and the kept count) as an :class:`Ascent`.
 
         ``adaptive[i]``: whether ``T_i = |w_i|`` (ASAM) for tensor ``i``, else ``T_i = 1``.
         ``storage``: an optional flat float32 buffer with at least as many elements as
@@ -226,8 +252,15 @@ class GradientDirection(Direction):
 
     name = "sam"
 
-    def __call__(self, params, grads, *, adaptive, storage=None, shards=None):
-        return _global_norms(params, grads, adaptive, shards=shards)
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False):
+        norms = _global_norms(params, grads, adaptive, shards=shards)
+        if not stats:
+            return Ascent(norms)
+        if any(_flags(adaptive, len(grads))):  # ASAM's norm is ||T g||: ||g|| costs a norm of its own
+            grad_sq = _global_norms(params, grads, False, shards=shards)[0].square()
+        else:
+            grad_sq = norms[0].square()
+        return Ascent(norms, grad_sq=grad_sq)
 
 
 # --------------------------------------------------------------------------- ZSharp
@@ -279,7 +312,7 @@ class ZScoreDirection(Direction):
         self.percentile = float(percentile)
         self.scope = scope
 
-    def __call__(self, params, grads, *, adaptive, storage=None, shards=None):
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise ValueError(
@@ -287,9 +320,19 @@ class ZScoreDirection(Direction):
             )
         flags = _flags(adaptive, len(grads))
         numels = [g.numel() for g in grads] if shards is None else shards.numels
+        grad_sq = _whole_sum(squared_norm(grads), shards) if stats else None
         if self.scope == "global":
-            return self._global(params, grads, flags, storage, shards, numels)
-        return self._per_tensor(params, grads, flags, storage, shards, numels)
+            norms = self._global(params, grads, flags, storage, shards, numels)
+        else:
+            norms = self._per_tensor(params, grads, flags, storage, shards, numels)
+        if not stats:
+            return Ascent(norms)
+        kept = _whole_sum(nonzero_count(grads), shards)
+        d_sq = None
+        if self.scope == "tensor":
+            d_sq = torch.stack(weighted_norms(params, grads, False)).to(norms.dtype).square()
+            d_sq = d_sq if shards is None else shards.sum_(d_sq)
+        return Ascent(norms, d_sq, grad_sq, kept)
 
     # -- scope="global": the bangyen/zsharp reproduction's behaviour
     def _global(self, params, grads, flags, storage, shards, numels):
@@ -421,6 +464,10 @@ class ZScoreDirection(Direction):
         le = cum.gather(1, pos[:, :1].long())[:, 0]
         hi_bits = torch.where(le > both[:, 1], found[:, 0], successors(ws, found[:, 0], per_segment=True))
         return torch.lerp(lo_val, _from_bits(hi_bits, dtype), weights)
+
+
+def _whole_sum(local_sum: Tensor, shards: Shards | None) -> Tensor:
+    return local_sum if shards is None else shards.sum_(local_sum.reshape(1))[0]
 
 
 @functools.lru_cache(maxsize=64)

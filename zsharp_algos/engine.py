@@ -31,9 +31,9 @@ from .directions import Direction
 from .options import OPTIONS, GroupOptions
 from .placement import Placement
 from .sharding import local, shards_of
-from .stats import SharpnessStats, squared_norm
+from .stats import SharpnessStats
 
-__all__ = ["PerturbationEngine", "interval_due"]
+__all__ = ["PerturbationEngine", "interval_due", "coefficients"]
 
 # the param-group keys the engine reads (zsharp_algos.options)
 RHO, INTERVAL, ADAPTIVE, EPS = (OPTIONS[n].key for n in ("rho", "interval", "adaptive", "perturb_eps"))
@@ -148,9 +148,8 @@ class PerturbationEngine:
         # perturbed in place (FSDP all-gathers the next forward's weights from the shard itself).
         shards = shards_of([p for _, ps, _, _ in pools.values() for p in ps])
         pools = {k: (d, [local(p) for p in ps], [local(g) for g in gs], o) for k, (d, ps, gs, o) in pools.items()}
-        all_params = [p for _, ps, _, _ in pools.values() for p in ps]
-        all_grads = [g for _, _, gs, _ in pools.values() for g in gs]
-        grad_sq = squared_norm(all_grads) if self.record_stats else None
+        all_params, all_grads, all_coefs = [], [], []
+        recorded = []  # per pool: grad_sq, e_sq, kept, numel
         # The weights are untouched until placement: an error in a direction leaves them as they were.
         into_buffer = False
         offset = 0
@@ -161,17 +160,24 @@ class PerturbationEngine:
                 storage = self.placement.scratch(params, self._trainable_local, numel)
                 into_buffer = True
             adaptive = [o[ADAPTIVE] for o in owners]
-            if shards is None:
-                norms = direction(params, grads, adaptive=adaptive, storage=storage)
-            else:
-                pool_shards = shards.sub(shards.numels[offset : offset + len(params)])
-                norms = direction(params, grads, adaptive=adaptive, storage=storage, shards=pool_shards)
+            pool_shards = None if shards is None else shards.sub(shards.numels[offset : offset + len(params)])
             offset += len(params)
-            _scale_into_perturbation(params, grads, owners, norms)
+            ascent = direction(
+                params, grads, adaptive=adaptive, storage=storage, shards=pool_shards, stats=self.record_stats
+            )
+            coefs = coefficients(owners, ascent.norms)
+            if any(adaptive):  # T^2 d: e's shape, the coefficient still to apply
+                _times_weights_squared(params, grads, adaptive)
+            if self.record_stats:
+                recorded.append(_perturbation_stats(ascent, coefs, grads, any(adaptive), pool_shards))
+            all_params += params
+            all_grads += grads
+            all_coefs += _per_tensor(coefs, len(params))
         if self.record_stats:
-            self.stats.add_perturbation(all_grads, all_grads, grad_sq, shards)
+            self.stats.add_perturbation(*(sum(parts[i] for parts in recorded) for i in range(4)))
         self.placement.apply(
-            all_params, all_grads, self._trainable_local, may_move=free_grads and shards is None, into_buffer=into_buffer
+            all_params, all_grads, all_coefs, self._trainable_local,
+            may_move=free_grads and shards is None, into_buffer=into_buffer, keep_e=not free_grads,
         )
         return True
 
@@ -184,33 +190,59 @@ class PerturbationEngine:
         self.placement.restore()
 
 
-def _scale_into_perturbation(params: list[Tensor], grads: list[Tensor], owners: list[dict], norms: Tensor) -> None:
-    """``grads <- e = rho * T^2 * d / (nu + eps)`` in place (``grads`` hold ``d``), with
-    multi-tensor kernels per device/dtype."""
+def coefficients(owners: list[dict], norms: Tensor) -> Tensor:
+    """``rho_i / (nu_i + eps_i)`` for the tensors of a pool: a 0-dim tensor where one norm and
+    one ``rho`` and ``eps`` serve every tensor (SAM, the global scope), else one per tensor."""
     rhos = [o[RHO] for o in owners]
     epss = [o[EPS] for o in owners]
-    uniform_norm = norms.dim() == 0 or norms.stride(0) == 0  # one norm for every tensor (SAM, global scope)
-    uniform_hp = len(set(rhos)) == 1 and len(set(epss)) == 1
-    norm_dtype = norms.dtype
-    if uniform_norm and uniform_hp:
-        coefs: list[Tensor] | Tensor = rhos[0] / (norms.reshape(-1)[0] + epss[0])
-    else:
-        device = norms.device
-        rho = rhos[0] if len(set(rhos)) == 1 else _device_floats(tuple(rhos), device, norm_dtype)
-        eps = epss[0] if len(set(epss)) == 1 else _device_floats(tuple(epss), device, norm_dtype)
-        coefs = list((rho / (norms.expand(len(grads)) + eps)).unbind())
-    for idx, (ps, gs) in group_by_device_dtype(params, grads):
-        adaptive = [i for i in idx if owners[i][ADAPTIVE]]
-        if adaptive:
-            if len(adaptive) == len(idx):
-                torch._foreach_mul_(gs, ps)
-                torch._foreach_mul_(gs, ps)
-            else:
-                a_g = [grads[i] for i in adaptive]
-                a_p = [params[i] for i in adaptive]
-                torch._foreach_mul_(a_g, a_p)
-                torch._foreach_mul_(a_g, a_p)
-        if isinstance(coefs, Tensor):
-            torch._foreach_mul_(gs, coefs.to(gs[0].device))
-        else:
-            torch._foreach_mul_(gs, [coefs[i].to(gs[0].device) for i in idx])
+    uniform_norm = norms.dim() == 0 or norms.stride(0) == 0
+    if uniform_norm and len(set(rhos)) == 1 and len(set(epss)) == 1:
+        return rhos[0] / (norms.reshape(-1)[0] + epss[0])
+    device, dtype = norms.device, norms.dtype
+    rho = rhos[0] if len(set(rhos)) == 1 else _device_floats(tuple(rhos), device, dtype)
+    eps = epss[0] if len(set(epss)) == 1 else _device_floats(tuple(epss), device, dtype)
+    return rho / (norms.expand(len(owners)) + eps)
+
+
+def _per_tensor(coefs: Tensor, n: int) -> list[Tensor]:
+    return [coefs] * n if coefs.dim() == 0 else list(coefs.unbind())
+
+
+def _times_weights_squared(params: list[Tensor], grads: list[Tensor], adaptive: list[bool]) -> None:
+    """``grads_i <- |w_i|^2 d_i`` (as ``w * w * d``) for ASAM's tensors, multi-tensor kernels."""
+    a_p = [p for p, a in zip(params, adaptive) if a]
+    a_g = [g for g, a in zip(grads, adaptive) if a]
+    for _, (gs, ps) in group_by_device_dtype(a_g, a_p):
+        torch._foreach_mul_(gs, ps)
+        torch._foreach_mul_(gs, ps)
+
+
+def _perturbation_stats(ascent, coefs: Tensor, grads: list[Tensor], adaptive: bool, shards) -> tuple:
+    """``(||g||^2, ||e||^2, kept entries, entries)`` of a pool, from what the direction reported:
+    ``||e_i|| = c_i ||d_i||``, and ``||d_i||`` is the norm that divides it unless the direction
+    says otherwise. ASAM's ``||T^2 d||`` is measured (the gradients hold it now)."""
+    numel = sum(g.numel() for g in grads) if shards is None else sum(shards.numels)
+    kept = numel if ascent.kept is None else ascent.kept
+    if adaptive:
+        sq = _squares(grads, coefs.dtype, shards)
+    elif ascent.d_sq is not None:
+        sq = ascent.d_sq
+    else:  # one norm divides every tensor and is the norm of d over them all
+        sq = None
+    if sq is None:
+        e_sq = (coefs.reshape(-1)[0] * ascent.norms.reshape(-1)[0]).square() if coefs.dim() == 0 else None
+        if e_sq is None:  # several rho / eps over one norm: ||d_i|| per tensor, from d itself
+            sq = _squares(grads, coefs.dtype, shards)
+    if sq is not None:
+        e_sq = (coefs.square() * sq).sum() if coefs.dim() else coefs.square() * sq.sum()
+    return ascent.grad_sq, e_sq, kept, numel
+
+
+def _squares(tensors: list[Tensor], dtype: torch.dtype, shards) -> Tensor:
+    """``||t_i||^2`` per tensor (whole tensors: completed across ``shards``), in ``dtype``."""
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for idx, (ts,) in group_by_device_dtype(tensors):
+        for i, n in zip(idx, torch._foreach_norm(ts, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)):
+            out[i] = n
+    sq = torch.stack([n.to(dtype) for n in out]).square()
+    return sq if shards is None else shards.sum_(sq)

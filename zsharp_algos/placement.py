@@ -153,36 +153,38 @@ class Placement:
     def apply(
         self,
         params: Sequence[Tensor],
-        perturbations: Sequence[Tensor],
+        directions: Sequence[Tensor],
+        coefs: Sequence[Tensor],
         trainable: Callable[[], list[Tensor]],
         *,
         may_move: bool,
         into_buffer: bool,
+        keep_e: bool = False,
     ) -> None:
-        """``w <- w + e`` for each parameter, ``e`` given in ``perturbations`` (the gradients'
-        memory). ``may_move``: the caller lets the gradients go (they are dead afterwards);
-        ``into_buffer``: build re-pointed ``w'`` in the work buffer rather than in the gradient."""
+        """``w <- w + c * d`` for each parameter: ``d`` given in ``directions`` (the gradients'
+        memory), ``c`` its 0-dim coefficient (``e = c * d``). ``may_move``: the parameters may be
+        re-pointed (the caller lets the gradients go); ``into_buffer``: build re-pointed ``w'`` in
+        the work buffer rather than in the gradient; ``keep_e``: the gradients must hold ``e``
+        afterwards (``may_move`` must be False then)."""
         if self.active:
             raise RuntimeError("the weights are already perturbed: restore() them before perturbing again")
         movable = [
-            may_move and self.can_repoint(p, None if into_buffer else e) for p, e in zip(params, perturbations)
+            may_move and self.can_repoint(p, None if into_buffer else d) for p, d in zip(params, directions)
         ]
-        in_place = [(p, e) for p, e, m in zip(params, perturbations, movable) if not m]
-        moved = [(p, e) for p, e, m in zip(params, perturbations, movable) if m]
+        in_place = [i for i, m in enumerate(movable) if not m]
+        moved = [i for i, m in enumerate(movable) if m]
         saved = in_place + (moved if into_buffer else [])
-        regions = self.buffer.views([p for p, _ in saved], trainable) if saved else []
-        # in place: save w, then w += e
-        foreach_grouped(torch._foreach_copy_, regions[: len(in_place)], [p for p, _ in in_place])
-        foreach_grouped(torch._foreach_add_, [p for p, _ in in_place], [e for _, e in in_place])
-        self._in_place = [p for p, _ in in_place]
-        # re-point: w' = w + e (the same float either way) in the buffer or in e's own memory
-        if into_buffer:
-            targets = regions[len(in_place) :]
-            _sum_into(targets, [p for p, _ in moved], [e for _, e in moved])
-        else:
-            targets = [e for _, e in moved]
-            foreach_grouped(torch._foreach_add_, targets, [p for p, _ in moved])
-        for (p, _), w_prime in zip(moved, targets):
+        regions = self.buffer.views([params[i] for i in saved], trainable) if saved else []
+        # in place: save w, then w += c * d (the same float operation as re-pointing: same bits)
+        ws = [params[i] for i in in_place]
+        foreach_grouped(torch._foreach_copy_, regions[: len(in_place)], ws)
+        _fused_add(ws, ws, [directions[i] for i in in_place], [coefs[i] for i in in_place], keep_e)
+        self._in_place = ws
+        # re-point: w' = w + c * d, in the buffer or in d's own memory
+        targets = regions[len(in_place) :] if into_buffer else [directions[i] for i in moved]
+        _fused_add(targets, [params[i] for i in moved], [directions[i] for i in moved], [coefs[i] for i in moved])
+        for i, w_prime in zip(moved, targets):
+            p = params[i]
             self._moved.append((p, p.data))
             p.data = w_prime
 
@@ -196,15 +198,61 @@ class Placement:
         self._in_place = []
 
 
-def _sum_into(dsts: Sequence[Tensor], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-    """``dsts[i] = xs[i] + ys[i]`` per device/dtype group. Where host work is cheap (the CPU
-    strategy of :mod:`zsharp_algos.order_stats`), whose multi-tensor kernels loop over the tensors
-    anyway, one ``out=`` add per tensor reads each operand once; elsewhere two multi-tensor
-    kernels (copy, then add) beat a launch per tensor."""
-    for _, (ds, a, b) in group_by_device_dtype(dsts, xs, ys):
-        if reads_host(ds[0].device):
-            for d, x, y in zip(ds, a, b):
-                torch.add(x, y, out=d)
+def _scale(idx: Sequence[int], tensors: Sequence[Tensor], coefs: Sequence[Tensor]) -> None:
+    """``tensors[i] *= coefs[i]`` for ``i`` in ``idx``: one multi-tensor kernel per device/dtype
+    (its Tensor overload when one coefficient serves them all)."""
+    ts = [tensors[i] for i in idx]
+    cs = [coefs[i] for i in idx]
+    for group, (gs,) in group_by_device_dtype(ts):
+        mine = [cs[j] for j in group]
+        if all(c is mine[0] for c in mine):
+            torch._foreach_mul_(gs, mine[0].to(gs[0].device))
         else:
-            torch._foreach_copy_(ds, a)
-            torch._foreach_add_(ds, b)
+            torch._foreach_mul_(gs, [c.to(gs[0].device) for c in mine])
+
+
+def _fused_add(
+    dsts: Sequence[Tensor], ws: Sequence[Tensor], ds: Sequence[Tensor], coefs: Sequence[Tensor], keep_e: bool = False
+) -> None:
+    """``dsts[i] = ws[i] + coefs[i] * ds[i]`` (``dsts[i]`` may be ``ds[i]`` or ``ws[i]``); with
+    ``keep_e``, ``ds[i]`` holds ``e = coefs[i] * ds[i]`` afterwards. Where host reads are free
+    (the CPU strategy of :mod:`zsharp_algos.order_stats`) the coefficients are read once and each
+    tensor is one ``torch.add(w, d, alpha=c, out=...)``, a single pass (its multiply-add may be
+    fused, rounded once); elsewhere multi-tensor kernels: scale ``d`` into ``e``, then add ``w``
+    (copying it first where the destination is neither), a launch per device/dtype group rather
+    than per tensor."""
+    if not dsts:
+        return
+    if reads_host(dsts[0].device):
+        values = _host_values(coefs)
+        for dst, w, d, c in zip(dsts, ws, ds, values):
+            torch.add(w, d, alpha=c, out=dst)
+            if keep_e:
+                d.mul_(c)
+        return
+    _scale(range(len(ds)), ds, coefs)
+    for idx, (out, a, b) in group_by_device_dtype(dsts, ws, ds):
+        if all(o is d for o, d in zip(out, b)):
+            torch._foreach_add_(out, a)
+        elif all(o is w for o, w in zip(out, a)):
+            torch._foreach_add_(out, b)
+        else:
+            torch._foreach_copy_(out, a)
+            torch._foreach_add_(out, b)
+
+
+def _host_values(coefs: Sequence[Tensor]) -> list[float]:
+    """The coefficients as Python floats, one read per distinct tensor (CPU tensors: no wait)."""
+    seen: dict[int, float] = {}
+    bases: dict[int, list[float]] = {}
+    out = []
+    for c in coefs:
+        if id(c) not in seen:
+            base = c._base  # one read for all the views of a per-tensor vector
+            if base is not None and base.dim() == 1:
+                values = bases.setdefault(id(base), base.tolist())
+                seen[id(c)] = values[c.storage_offset() - base.storage_offset()]
+            else:
+                seen[id(c)] = c.item()
+        out.append(seen[id(c)])
+    return out

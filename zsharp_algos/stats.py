@@ -103,23 +103,14 @@ class SharpnessStats:
         old = self._sums.get(name)
         self._sums[name] = value if old is None else old + value.to(old.device)
 
-    def add_perturbation(
-        self, grads: Sequence[Tensor], perturbation: Sequence[Tensor], grad_sq: Tensor, shards=None
-    ) -> None:
-        """Record one perturbation ``e`` (call while ``perturbation`` holds it), given the
-        squared norm of the gradient it came from. ``shards``: the tensors are local shards
-        (:mod:`zsharp_algos.sharding`); the three sums are completed across the group at once."""
-        if not perturbation:
-            return
-        e_sq, moved = squared_norm(perturbation), nonzero_count(perturbation)
-        if shards is None:
-            numel = sum(e.numel() for e in perturbation)
-        else:
-            numel = sum(shards.numels)
-            grad_sq, e_sq, moved = shards.sum_(torch.stack([grad_sq, e_sq, moved.to(grad_sq.dtype)])).unbind()
+    def add_perturbation(self, grad_sq: Tensor, e_sq: Tensor, kept, numel: int) -> None:
+        """Record one perturbation: ``||g||^2`` of the gradient it came from, ``||e||^2``, and
+        how many of the ``numel`` entries the direction kept (a 0-dim tensor, or a number when
+        it kept them all), whole tensors (completed across shards by the caller)."""
         self._add("grad_norm", grad_sq.sqrt())
         self._add("perturbation_norm", e_sq.sqrt())
-        self._add("perturbed_fraction", moved / numel)
+        fraction = kept / numel if isinstance(kept, Tensor) else torch.ones((), device=grad_sq.device)
+        self._add("perturbed_fraction", fraction)
         self._perturbed += 1
 
     def add_loss_gap(self, first: Tensor, second: Tensor) -> None:
