@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,16 @@ def machine(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        # what fp32 matmuls and convolutions run as (TF32 or not) changes the step times
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+                info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+        except (AttributeError, RuntimeError):
+            pass
     try:
         import timm
 

@@ -4,9 +4,12 @@ vit_base_patch16_224 (86M) and a single 22M-element tensor, where quantile-based
     python benchmarks/filter_scaling.py --device cpu --threads 2
     python benchmarks/filter_scaling.py --device cuda
 Memory is read from the CUDA caching allocator, or on the CPU counted op by op over the tensors
-(``common.TensorMemory``); both exact for tensors.
+(``common.TensorMemory``); both exact for tensors. The JSON is rewritten after each subject, so a
+run cut short keeps the finished ones; ``--time-budget`` skips the subjects not started in time.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -74,12 +77,22 @@ def main():
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: subjects not started by then are skipped (listed under 'skipped')")
     args = parser.parse_args()
+    started = time.perf_counter()
     device = setup(args)
     results = {"machine": machine(device), "settings": vars(args), "subjects": {}}
     rows = []
     for subject in args.subjects.split(","):
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            results.setdefault("skipped", []).append(subject)
+            print(f"{subject}: skipped, past the time budget of {args.time_budget:g} s")
+            continue
         r = results["subjects"][subject] = measure(subject, device, args.rounds, args.warmup)
+        write_json(args.out, f"filter_scaling_{device.type}", results)  # a run cut short keeps this one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         for name in METHODS:
             if name in r["failures"]:
                 rows.append([subject, f"{r['params'] / 1e6:.1f}M", name, "FAILED", r["failures"][name], ""])

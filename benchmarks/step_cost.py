@@ -7,10 +7,21 @@ on request (its ZSharp / SAM step target).
 
 (ViT-B/16 at batch 64 on a 24 GB CPU machine: each method trains its own model copy, and three
 copies with freed memory retained ran out of memory; two copies with the C library's allocator fit.)
+
+On a GPU, several models and batch sizes in one process (``MODEL@BATCH`` overrides ``--batch``;
+each entry is keyed as written, and the JSON is rewritten after each one, so a run cut short
+keeps what it finished)::
+
+    python benchmarks/step_cost.py --device cuda --models resnet18@128,resnet50@128,vit_small_c32@256 \\
+        --methods sgd,sam,zsharp,zsharp_tensor,zsharp_k2,zsharp_k5 --name step_cost_cuda_gpu_check --time-budget 100
+
+Memory on CUDA is the caching allocator's (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``), in ``memory`` (x parameter bytes, and bytes).
 """
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -22,6 +33,8 @@ from zsharp_algos import SAM, ZSharp
 
 MODELS = {  # timm kwargs; "input": image side
     "resnet18": dict(name="resnet18", input=32),
+    "resnet50": dict(name="resnet50", input=32),
+    "resnet50_224": dict(name="resnet50", input=224),
     "vit_small_c32": dict(name="vit_small_patch16_224", img_size=32, patch_size=4, input=32),
     "vit_base_224": dict(name="vit_base_patch16_224", input=224),
 }
@@ -61,7 +74,7 @@ def step_units(base_model, side, device, methods, batch):
         else:
             spec = dict(spec)
             opt = spec.pop("cls")(sgd, rho=0.05, model=model, **spec)
-            k = opt.param_groups[0]["interval"]  # interval is a param-group option
+            k = spec.get("interval", 1)  # one unit is a whole cycle: k - 1 plain steps and a sharpness step
 
         def closure(model=model, opt=opt):
             opt.zero_grad()
@@ -85,7 +98,8 @@ def step_memory(units, device, param_bytes):
     measured = {name: memory_of(lambda unit=unit: (unit(), unit()), device) for name, unit in units.items()}
     out = {}
     for name, (peak, kept) in measured.items():
-        out[name] = {"peak_x_params": peak / param_bytes, "kept_x_params": kept / param_bytes}
+        out[name] = {"peak_x_params": peak / param_bytes, "kept_x_params": kept / param_bytes,
+                     "peak_bytes": peak, "kept_bytes": kept}
         if "sgd" in measured:
             out[name]["peak_beyond_sgd_x_params"] = (peak - measured["sgd"][0]) / param_bytes
             out[name]["kept_beyond_sgd_x_params"] = (kept - measured["sgd"][1]) / param_bytes
@@ -122,33 +136,63 @@ def optimizer_only(base_model, device, methods, rounds, warmup):
     return interleaved_medians(units, rounds, warmup, device), failures
 
 
+def parse_entries(text: str, default_batch: int) -> list[tuple[str, str, int]]:
+    """``"resnet18,resnet50@128"`` -> ``[(key, model, batch)]``: the key is the entry as written."""
+    entries = []
+    for item in text.split(","):
+        model, _, batch = item.partition("@")
+        entries.append((item, model, int(batch) if batch else default_batch))
+    return entries
+
+
 def main():
     parser = base_parser(__doc__)
-    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated MODEL or MODEL@BATCH, of {', '.join(MODELS)}")
     parser.add_argument("--methods", default=",".join(STEP_METHODS), help="comma-separated full-step methods")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="batch size of entries without @BATCH")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the memory measurement (two untimed cycles per method, op by op on the CPU)")
+    parser.add_argument("--name", default=None,
+                        help="JSON file name without .json (default: step_cost_DEVICE[_MODELS])")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: entries not started by then are skipped (listed under 'skipped')")
     args = parser.parse_args()
+    started = time.perf_counter()
     device = setup(args)
     results = {"machine": machine(device), "settings": vars(args), "models": {}}
     methods = args.methods.split(",")
-    unknown = set(methods) - set(STEP_METHODS) or set(args.models.split(",")) - set(MODELS)
+    entries = parse_entries(args.models, args.batch)
+    unknown = set(methods) - set(STEP_METHODS) or {m for _, m, _ in entries} - set(MODELS)
     if unknown:
         parser.error(f"unknown method or model: {', '.join(sorted(unknown))}")
-    for key in args.models.split(","):
-        model = build(MODELS[key], device)
+    suffix = "" if args.models == DEFAULT_MODELS else "_" + args.models.replace(",", "_").replace("@", "_b")
+    name = args.name or f"step_cost_{device.type}{suffix}"
+    opt_only_of: dict[str, tuple[dict, dict]] = {}  # per model: the optimizer-only part does not depend on the batch
+    for key, model_name, batch in entries:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            results.setdefault("skipped", []).append(key)
+            print(f"\n{key}: skipped, past the time budget of {args.time_budget:g} s")
+            continue
+        model = build(MODELS[model_name], device)
         n_params = sum(p.numel() for p in model.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        units = step_units(model, MODELS[key]["input"], device, methods, args.batch)
+        units = step_units(model, MODELS[model_name]["input"], device, methods, batch)
         memory = step_memory(units, device, param_bytes) if args.memory else {}
         faults: dict[str, float] = {}
         steps = interleaved_medians(units, args.rounds, args.warmup, device, faults)
-        opt_only, failures = optimizer_only(model, device, methods, args.rounds, args.warmup)
-        results["models"][key] = {"params": n_params, "step_s": steps, "minor_faults_per_step": faults,
+        del units
+        if model_name not in opt_only_of:
+            opt_only_of[model_name] = optimizer_only(model, device, methods, args.rounds, args.warmup)
+        opt_only, failures = opt_only_of[model_name]
+        results["models"][key] = {"model": model_name, "batch": batch, "input": MODELS[model_name]["input"],
+                                  "params": n_params, "step_s": steps, "minor_faults_per_step": faults,
                                   "memory": memory, "optimizer_only_s": opt_only, "failures": failures}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next entry's models start from a clean cache
         base = {m: steps[m] for m in ("sgd", "sam") if m in steps}
         # memory columns: beyond SGD's where SGD ran, else absolute
         mem_keys = [f"{what}_{'beyond_sgd_' if 'sgd' in methods else ''}x_params" for what in ("peak", "kept")]
@@ -156,7 +200,7 @@ def main():
         rows = [[m, t * 1e3] + [t / b for b in base.values()] + [round(faults[m])]
                 + ([f"{memory[m][k]:.2f}" for k in mem_keys] if memory else [])
                 for m, t in steps.items()]
-        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {args.batch}, {device}): full step; "
+        print_table(f"{key} ({n_params / 1e6:.1f}M params, batch {batch}, {device}): full step; "
                     f"allocator: {results['machine']['allocator']}",
                     ["method", "ms/step"] + [f"x {m.upper()}" for m in base] + ["page faults/step"] + mem_cols, rows)
         for k in (2, 5, 10):
@@ -164,8 +208,9 @@ def main():
                 print(f"  interval {k}: {steps[f'zsharp_k{k}'] / steps['sgd']:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")
         print_table(f"{key}: optimizer-only (first + second step, base SGD included)", ["implementation", "ms"],
                     [[m, t * 1e3] for m, t in opt_only.items()] + [[m, f"FAILED ({e})"] for m, e in failures.items()])
-    suffix = "" if args.models == DEFAULT_MODELS else "_" + args.models.replace(",", "_")
-    print("\nwrote", write_json(args.out, f"step_cost_{device.type}{suffix}", results))
+        write_json(args.out, name, results)  # after every entry: a run cut short keeps the finished ones
+    print("\nwrote", write_json(args.out, name, results))
+
 
 if __name__ == "__main__":
     main()
