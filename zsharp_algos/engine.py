@@ -1,6 +1,7 @@
 r"""The perturbation engine: ``w -> w + e`` over the param groups due this step, and back.
 
-For the tensors of the groups due at step ``t`` (``rho > 0`` and ``(t + 1) % interval == 0``)::
+For the tensors of the groups due at step ``t`` (``rho > 0`` and due by their interval,
+:mod:`zsharp_algos.schedule`)::
 
     d, nu = direction(g)               # the ascent direction and the norm that scales each tensor
     e_i   = rho_i * T_i^2 * d_i / (nu_i + eps_i)     # T = |w| for adaptive groups, else 1
@@ -30,20 +31,21 @@ from ._tensors import group_by_device_dtype
 from .directions import Direction
 from .options import OPTIONS, GroupOptions
 from .placement import Placement
+from .schedule import sharpness_due
 from .sharding import local, shards_of
 from .stats import SharpnessStats
 
-__all__ = ["PerturbationEngine", "interval_due", "coefficients"]
+__all__ = ["PerturbationEngine", "group_due", "coefficients"]
 
 # the param-group keys the engine reads (zsharp_algos.options)
 RHO, INTERVAL, ADAPTIVE, EPS = (OPTIONS[n].key for n in ("rho", "interval", "adaptive", "perturb_eps"))
+MODE, SEED = OPTIONS["interval_mode"].key, OPTIONS["interval_seed"].key
 
 
-def interval_due(step: int, interval: int) -> bool:
-    """Whether step ``step`` (0-based: the number of optimizer steps taken before it) is a
-    sharpness step for ``interval``: steps ``interval - 1``, ``2 * interval - 1``, ... i.e. the
-    ``interval``-th, ``2 * interval``-th, ... counting from 1. The one statement of the rule."""
-    return (step + 1) % interval == 0
+def group_due(group: dict, step: int) -> bool:
+    """Whether param group ``group`` is perturbed at step ``step`` (0-based): ``rho > 0`` and due
+    by its interval (:func:`zsharp_algos.schedule.sharpness_due`)."""
+    return group[RHO] > 0 and sharpness_due(step, group[INTERVAL], group[MODE], group[SEED])
 
 
 @lru_cache(maxsize=64)
@@ -93,7 +95,7 @@ class PerturbationEngine:
         """The param groups perturbed at step ``step`` (every group's options checked first)."""
         groups = self.owner.param_groups
         self.options.check(groups)
-        return [g for g in groups if g[RHO] > 0 and interval_due(step, g[INTERVAL])]
+        return [g for g in groups if group_due(g, step)]
 
     def is_due(self, step: int) -> bool:
         """Whether anything is perturbed at step ``step``."""
@@ -157,7 +159,7 @@ class PerturbationEngine:
             storage = None
             if direction.uses_storage:
                 numel = sum(g.numel() for g in grads)
-                storage = self.placement.scratch(params, self._trainable_local, numel)
+                storage = self.placement.scratch(params, self.trainable_local, numel)
                 into_buffer = True
             adaptive = [o[ADAPTIVE] for o in owners]
             pool_shards = None if shards is None else shards.sub(shards.numels[offset : offset + len(params)])
@@ -176,13 +178,14 @@ class PerturbationEngine:
         if self.record_stats:
             self.stats.add_perturbation(*(sum(parts[i] for parts in recorded) for i in range(4)))
         self.placement.apply(
-            all_params, all_grads, all_coefs, self._trainable_local,
+            all_params, all_grads, all_coefs, self.trainable_local,
             may_move=free_grads and shards is None, into_buffer=into_buffer, keep_e=not free_grads,
         )
         return True
 
-    def _trainable_local(self) -> list[Tensor]:
-        # the work buffer holds what this process holds: the local shards under FSDP2
+    def trainable_local(self) -> list[Tensor]:
+        """The trainable parameters as this process holds them (the local shards under FSDP2):
+        what a work buffer spans."""
         return [local(p) for p in self.trainable()]
 
     def restore(self) -> None:

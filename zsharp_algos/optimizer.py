@@ -32,13 +32,15 @@ from torch import nn
 
 from .batchnorm import frozen_norm_stats, norm_layers_seen
 from .directions import Direction, GradientDirection, ZScoreDirection
-from .engine import PerturbationEngine
+from .engine import PerturbationEngine, group_due
 from .sharding import local
 from .options import OPTIONS, SAM_OPTIONS, ZSHARP_OPTIONS, GroupOptions, Option, check_options, keywords_of
+from .rules import FirstPassGradients, LookSAMReuse
 
 __all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "SkipStep"]
 
 Closure = Callable[[], Any]
+RHO_KEY = OPTIONS["rho"].key
 
 
 def _option_attribute(name: str) -> property:
@@ -109,6 +111,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     #: The options this optimizer takes (param-group keys), in :mod:`zsharp_algos.options`.
     options: tuple[Option, ...] = SAM_OPTIONS
+    #: The update rules (:mod:`zsharp_algos.rules`) that may change the gradient the base steps with.
+    rules: tuple = (LookSAMReuse(),)
     #: The options the direction takes (a subset of :attr:`options`).
     direction_options: tuple[str, ...] = ()
     #: Composer's trainer passes closures under fp16 only to optimizers that set this.
@@ -170,6 +174,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._fill_options(group)
         self.defaults = dict(base.defaults, **{OPTIONS[k].key: v for k, v in options.items()})
+        self.first_gradients = FirstPassGradients()
         make_direction = (lambda: direction) if direction is not None else self.make_direction
         self.engine = PerturbationEngine(
             self, make_direction, self.direction_options, record_stats=record_stats, options=self.group_options
@@ -216,8 +221,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def is_sharpness_step(self) -> bool:
         """Whether the coming step perturbs: some group has ``rho > 0`` and is due by its
-        ``interval`` (:func:`zsharp_algos.engine.interval_due`)."""
+        ``interval`` and ``interval_mode`` (:func:`zsharp_algos.schedule.sharpness_due`)."""
         return self.engine.is_due(self._coming_step())
+
+    @property
+    def first_pass_must_sync(self) -> bool:
+        """Whether the first pass's gradient must be the same on every data-parallel rank: a
+        rule steps with it (LookSAM's ``g_v``), and ranks that used their own would drift apart.
+        Integrations that skip the first pass's all-reduce (Composer, Lightning, the HF Trainer,
+        accelerate) run it synchronised then."""
+        return any(
+            rule.keeps_first_gradient and rule.applies(g) and g[RHO_KEY] > 0 for rule in self.rules for g in self.param_groups
+        )
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None):
@@ -332,10 +347,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "first_step() called twice without second_step() or restore() in between: finish the step first"
             )
-        self.engine.perturb(self._coming_step(), free_grads=zero_grad)
+        step = self._coming_step()
+        self._keep_first_gradients(step, accumulate=self._first_step_done)
+        self.engine.perturb(step, free_grads=zero_grad)
         self._first_step_done = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    def _keep_first_gradients(self, step: int, accumulate: bool) -> None:
+        """Keep ``g`` of the groups due at ``step`` whose rule steps with it (before the
+        direction overwrites it); micro-batches of one step add up."""
+        keep = [g for g in self.engine.groups_due(step) if any(r.keeps_first_gradient and r.applies(g) for r in self.rules)]
+        params = [p for g in keep for p in g["params"] if p.grad is not None]
+        if params:
+            self.first_gradients.keep(
+                [local(p) for p in params], [local(p.grad) for p in params], self.engine.trainable_local, accumulate
+            )
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -362,6 +389,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ``max_grad_norm``), counted in :attr:`step_count`."""
         if self.engine.perturbed:
             raise RuntimeError("base_step() while the weights are perturbed: restore() first")
+        self._apply_rules(self._coming_step(), perturbed=self._first_step_done)
         self._first_step_done = False
         self.step_count += 1
         self.stats.end_step()
@@ -369,6 +397,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         self.base_optimizer.step()
+
+    def _apply_rules(self, step: int, perturbed: bool) -> None:
+        """Each rule (:mod:`zsharp_algos.rules`) on its groups: after the sharpness step where
+        the group was perturbed, on the plain step otherwise."""
+        for rule in self.rules:
+            groups = [g for g in self.param_groups if rule.applies(g)]
+            if not groups:
+                continue
+            sharp = [g for g in groups if perturbed and group_due(g, step)]
+            if sharp:
+                rule.after_sharpness_step(sharp, self.state, self.first_gradients)
+            plain = [g for g in groups if not any(g is s for s in sharp)]
+            if plain:
+                rule.plain_step(plain, self.state)
 
     # ------------------------------------------------------------------ plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:

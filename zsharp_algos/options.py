@@ -73,6 +73,7 @@ class Option:
     convert: Callable[[Any], Any]
     expects: str  # completes "rho must be ..."
     help: str
+    choices: tuple[str, ...] | None = None  # the values of an option that names one of a few
 
     @property
     def key(self) -> str:
@@ -99,8 +100,12 @@ def _warn_if_suspicious(name: str, value: Any, owner: str) -> None:
         )
 
 
-def _scope(value: Any) -> bool:
-    return value in ("global", "tensor")
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...], help: str) -> Option:
+    return Option(name, default, _one_of(*choices), str, " or ".join(map(repr, choices)), help, choices)
 
 
 #: Options of every sharpness-aware optimizer.
@@ -122,6 +127,24 @@ SAM_OPTIONS: tuple[Option, ...] = (
         "perturb_eps", 1e-12, _finite_at_least_zero, float, "a finite number >= 0",
         "added to the norm that divides rho (eps= is the base optimizer's)",
     ),
+    _choice(
+        "interval_mode", "fixed", ("fixed", "random"),
+        "'fixed': every interval-th step is a sharpness step; 'random': each step is one with "
+        "probability 1/interval, drawn from interval_seed and the step index (RST)",
+    ),
+    Option(
+        "interval_seed", 0, lambda v: _integer(v) and 0 <= v < 2**63, int, "an integer in [0, 2^63)",
+        "interval_mode='random': the seed of the draws (the same seed and step: the same decision)",
+    ),
+    _choice(
+        "reuse", "none", ("none", "looksam"),
+        "'looksam': steps between sharpness steps add reuse_alpha * ||g|| / ||g_v|| * g_v, the part "
+        "of the last sharpness gradient orthogonal to g (LookSAM); 'none': plain base steps",
+    ),
+    Option(
+        "reuse_alpha", 0.7, _finite_at_least_zero, float, "a finite number >= 0",
+        "reuse='looksam': the weight of the reused component",
+    ),
 )
 
 #: ZSharp's own options, on top of :data:`SAM_OPTIONS`.
@@ -130,8 +153,8 @@ ZSHARP_OPTIONS: tuple[Option, ...] = (
         "percentile", 70.0, _percentile_range, float, "a number in (0, 100) (a percent, not a fraction)",
         "share (percent) of gradient entries whose |z-score| falls below the cut",
     ),
-    Option(
-        "scope", "global", _scope, str, "'global' or 'tensor'",
+    _choice(
+        "scope", "global", ("global", "tensor"),
         "'global': one threshold over the model (the bangyen/zsharp reproduction); "
         "'tensor': a threshold and a norm per weight tensor (the paper's official code)",
     ),
@@ -291,8 +314,8 @@ def add_cli_options(parser: Any, names: Iterable[str] | None = None, **defaults:
         common = dict(dest=name, default=defaults.get(name, option.default), help=option.help)
         if isinstance(option.default, bool):
             parser.add_argument(*flags, action="store_true", **common)
-        elif name == "scope":
-            parser.add_argument(*flags, choices=("global", "tensor"), **common)
+        elif option.choices:
+            parser.add_argument(*flags, choices=option.choices, **common)
         else:
             parser.add_argument(*flags, type=_cli_type(option), **common)
 

@@ -226,7 +226,9 @@ def _fused_add(
     if reads_host(dsts[0].device):
         values = _host_values(coefs)
         for dst, w, d, c in zip(dsts, ws, ds, values):
-            torch.add(w, d, alpha=c, out=dst)
+            # detached: with a parameter that requires grad as an input, the out= add takes a
+            # path about 25 times slower, even under no_grad
+            torch.add(w.detach(), d, alpha=c, out=dst.detach())
             if keep_e:
                 d.mul_(c)
         return

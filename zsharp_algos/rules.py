@@ -1,0 +1,178 @@
+r"""Update rules: what the base optimizer steps with, when it is not simply the gradient in ``.grad``.
+
+A sharpness step ends with the second pass's gradient ``g_s`` (at ``w + e``) in ``.grad``; a
+plain step (between sharpness steps, ``interval > 1``) with the plain gradient ``g``. A rule
+may change that gradient right before the base step, using the first pass's gradient ``g``
+(kept by the optimizer on sharpness steps, :class:`FirstPassGradients`) and state of its own
+(in the optimizer's ``state``, so ``state_dict`` saves it and FSDP2 shards it).
+
+* **LookSAM reuse** (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware
+  Minimization"), ``reuse="looksam"``: on a sharpness step it stores the part of ``g_s``
+  orthogonal to ``g``, ``g_v = g_s - (<g, g_s> / ||g||^2) g``, and steps with ``g_s``; on a plain
+  step it steps with ``g + reuse_alpha * ||g|| / ||g_v|| * g_v`` (one forward/backward pass, a
+  few multi-tensor kernels), and with ``g`` before the first sharpness step.
+
+Inner products and norms are over all tensors the rule applies to (every group with the rule),
+completed across the shard group under FSDP2 in one collective. :func:`decompose` is the piece
+every rule that splits one gradient against another shares: it writes ``a - b`` where asked and
+returns ``<a, b>`` by the polarization identity ``(||a||^2 + ||b||^2 - ||a - b||^2) / 2``, from
+three multi-tensor norms (a per-tensor dot product would be one kernel per tensor).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import group_by_device_dtype
+from .options import OPTIONS
+from .order_stats import reads_host
+from .placement import WorkBuffer
+from .sharding import Shards, local, shards_of
+
+__all__ = ["FirstPassGradients", "decompose", "squared_norms", "add_scaled", "LookSAMReuse", "REUSE_KEY"]
+
+REUSE, REUSE_ALPHA = OPTIONS["reuse"].key, OPTIONS["reuse_alpha"].key
+#: The optimizer-state key of LookSAM's ``g_v`` (one tensor per parameter, shaped and sharded as it).
+REUSE_KEY = "sharpness_looksam_gv"
+
+
+# --------------------------------------------------------------------------- shared pieces
+class FirstPassGradients:
+    """The first pass's gradient ``g``, kept from the perturbation to the base step (the
+    direction overwrites ``.grad``): one flat buffer per device and dtype, allocated once, a view
+    per parameter. Micro-batches of one step add up (each is perturbed by its own gradient; the
+    step's ``g`` is their sum, as its ``g_s`` is)."""
+
+    def __init__(self) -> None:
+        self._buffer = WorkBuffer()
+        self._kept: dict[Tensor, Tensor] = {}  # local parameter -> its view, holding g
+
+    def keep(self, params: Sequence[Tensor], grads: Sequence[Tensor], trainable, accumulate: bool) -> None:
+        """``g`` of ``params`` (local tensors) from ``grads``; with ``accumulate``, added to what
+        this step kept already."""
+        views = self._buffer.views(params, trainable)
+        fresh = [(v, g) for p, v, g in zip(params, views, grads) if not (accumulate and p in self._kept)]
+        added = [(v, g) for p, v, g in zip(params, views, grads) if accumulate and p in self._kept]
+        for pairs, op in ((fresh, torch._foreach_copy_), (added, torch._foreach_add_)):
+            for _, (vs, gs) in group_by_device_dtype([v for v, _ in pairs], [g for _, g in pairs]):
+                op(vs, gs)
+        if not accumulate:
+            self._kept = {}
+        self._kept.update(zip(params, views))
+
+    def of(self, params: Sequence[Tensor]) -> list[Tensor] | None:
+        """The kept ``g`` of ``params`` (local tensors), or None unless every one was kept."""
+        views = [self._kept.get(p) for p in params]
+        return None if any(v is None for v in views) else views
+
+    def clear(self) -> None:
+        self._kept = {}
+
+
+def squared_norms(*lists: Sequence[Tensor], shards: Shards | None = None) -> Tensor:
+    """``[||l||^2 for l in lists]`` (a 1-D float32 tensor; float64 if any tensor is), each
+    over all its tensors, completed across ``shards`` in one collective."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for ts in lists for t in ts) else torch.float32
+    device = next(t.device for ts in lists for t in ts)
+    out = []
+    for ts in lists:
+        total = torch.zeros((), dtype=dtype, device=device)
+        for _, (group,) in group_by_device_dtype(ts):
+            norms = torch._foreach_norm(group, 2, dtype=dtype)
+            total = total + torch.stack(norms).to(device).square().sum()
+        out.append(total)
+    sq = torch.stack(out)
+    return sq if shards is None else shards.sum_(sq)
+
+
+def decompose(a: Sequence[Tensor], b: Sequence[Tensor], into: Sequence[Tensor], shards: Shards | None = None):
+    """``into <- a - b`` (``into`` may be ``a``) and ``(||a||^2, ||b||^2, <a, b>)`` as 0-dim
+    tensors, over all the tensors (whole tensors under FSDP2)."""
+    ab = squared_norms(a, b)
+    for _, (dst, x, y) in group_by_device_dtype(into, a, b):
+        if any(d is not s for d, s in zip(dst, x)):
+            torch._foreach_copy_(dst, x)
+        torch._foreach_sub_(dst, y)
+    sq = torch.cat([ab, squared_norms(into)])
+    sq = sq if shards is None else shards.sum_(sq)
+    aa, bb, dd = sq.unbind()
+    return aa, bb, (aa + bb - dd) / 2
+
+
+def add_scaled(dsts: Sequence[Tensor], srcs: Sequence[Tensor], coef: Tensor) -> None:
+    """``dsts += coef * srcs`` (``coef`` 0-dim), ``srcs`` unchanged: on the CPU strategy one
+    ``add_(alpha=...)`` per tensor from the coefficient read once; elsewhere two multi-tensor
+    kernels (the scaled copy is transient)."""
+    if not dsts:
+        return
+    if reads_host(dsts[0].device):
+        c = coef.item()
+        for d, s in zip(dsts, srcs):
+            d.add_(s, alpha=c)
+        return
+    for _, (ds, ss) in group_by_device_dtype(dsts, srcs):
+        torch._foreach_add_(ds, torch._foreach_mul(ss, coef.to(ds[0].device)))
+
+
+def _scale(tensors: Sequence[Tensor], coef: Tensor) -> None:
+    for _, (ts,) in group_by_device_dtype(tensors):
+        torch._foreach_mul_(ts, coef.to(ts[0].device))
+
+
+# --------------------------------------------------------------------------- LookSAM
+class LookSAMReuse:
+    """LookSAM's reuse of the sharpness gradient's orthogonal part (module doc). Applies to the
+    param groups with ``reuse="looksam"``; ``g_v`` lives in ``state[p][REUSE_KEY]``."""
+
+    keeps_first_gradient = True
+
+    @staticmethod
+    def applies(group: dict) -> bool:
+        return group[REUSE] == "looksam"
+
+    @staticmethod
+    def _tensors(groups: Sequence[dict]) -> list[tuple[Tensor, float]]:
+        return [(p, g[REUSE_ALPHA]) for g in groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
+        """``g_v = g_s - (<g, g_s> / ||g||^2) g`` into the state, from ``.grad`` (``g_s``) and the
+        kept ``g``, which is used up as scratch. ``.grad`` is left as it is."""
+        params = [p for p, _ in self._tensors(groups)]
+        if not params:
+            return
+        shards = shards_of(params)
+        g = kept.of([local(p) for p in params])
+        if g is None:  # not perturbed this step (no gradient at the first pass)
+            return
+        for p in params:
+            if REUSE_KEY not in state[p]:
+                state[p][REUSE_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        v = [local(state[p][REUSE_KEY]) for p in params]
+        g_s = [local(p.grad) for p in params]
+        _, gg, dot = decompose(g_s, g, into=v, shards=shards)  # v <- g_s - g
+        projection = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))
+        _scale(g, 1 - projection)  # g <- (1 - <g, g_s>/||g||^2) g ...
+        for _, (vs, gs) in group_by_device_dtype(v, g):
+            torch._foreach_add_(vs, gs)  # ... v <- g_s - g + that = g_v
+        kept.clear()
+
+    @torch.no_grad()
+    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
+        """``g <- g + reuse_alpha * ||g|| / ||g_v|| * g_v`` in ``.grad``, for the tensors with a
+        stored ``g_v`` (none before the first sharpness step: plain ``g``)."""
+        tensors = [(p, a) for p, a in self._tensors(groups) if REUSE_KEY in state[p]]
+        if not tensors:
+            return
+        params = [p for p, _ in tensors]
+        shards = shards_of(params)
+        g = [local(p.grad) for p in params]
+        v = [local(state[p][REUSE_KEY]) for p in params]
+        gg, vv = squared_norms(g, v, shards=shards).unbind()
+        ratio = torch.where(vv > 0, (gg / vv).sqrt(), torch.zeros_like(gg))  # g_v = 0: nothing to add
+        alphas = sorted({a for _, a in tensors})
+        for alpha in alphas:  # groups may weigh the reused part differently
+            mine = [i for i, (_, a) in enumerate(tensors) if a == alpha]
+            add_scaled([g[i] for i in mine], [v[i] for i in mine], alpha * ratio)
