@@ -19,8 +19,11 @@ methods only: it takes the framework's *own* "forward + backward" for a (micro-)
 so each micro-batch is perturbed by its own gradient, the second pass's gradient is accumulated,
 all-reduced, unscaled and clipped exactly as the framework would do for plain training, and the
 first pass never all-reduces (each rank perturbs with its own gradient, as Composer and the SAM
-paper's data-parallel variant do). The framework's ``optimizer.step()`` is then the optimizer's
-step without a closure: the base step.
+paper's data-parallel variant do), except where a rule steps with the first pass's gradient
+(LookSAM's ``reuse="looksam"``, :attr:`~zsharp_algos.SharpnessAwareOptimizer.first_pass_must_sync`):
+then DDP all-reduces every micro-batch's first pass, even inside the framework's ``no_sync``,
+so that every rank keeps the same gradient. The framework's ``optimizer.step()`` is then the
+optimizer's step without a closure: the base step (with the rules, :mod:`zsharp_algos.rules`).
 
 Under FSDP2 (the parameters are DTensors) the first pass is not ``no_sync``-ed: a rank holds
 only its shard of the gradient, which FSDP produces by reduce-scattering the global batch's, so
@@ -42,6 +45,7 @@ accumulation, the gradient accumulated so far next to the first pass's own.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable
 
@@ -96,9 +100,29 @@ def two_pass_backward(
     if sharded:  # FSDP2: only the reduce-scattered first pass gives each rank its shard
         with _fsdp2_gradient_sync(model):
             return _two_passes(optimizer, run_pass, model, params, nullcontext, scaler, sharded)
-    if no_sync is None:
+    if optimizer.first_pass_must_sync:  # a rule steps with g (LookSAM): the same on every rank
+        no_sync = functools.partial(_gradient_sync_forced, model)
+    elif no_sync is None:
         no_sync = getattr(model, "no_sync", nullcontext)
     return _two_passes(optimizer, run_pass, model, params, no_sync, scaler, sharded)
+
+
+@contextmanager
+def _gradient_sync_forced(model: nn.Module):
+    """DDP all-reduces the pass run in the block, also inside an outer ``no_sync`` (the
+    micro-batches a framework's gradient accumulation does not sync): the first pass of each
+    micro-batch starts from ``.grad = None``, so each is averaged over the ranks on its own and
+    the step's first-pass gradient, their sum, is the same on every rank. DDP reads the flag when
+    the forward pass starts."""
+    flag = getattr(model, "require_backward_grad_sync", None)
+    if flag is None:  # not DDP: nothing is skipped
+        yield
+        return
+    model.require_backward_grad_sync = True
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = flag
 
 
 @contextmanager

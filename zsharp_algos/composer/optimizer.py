@@ -35,7 +35,8 @@ class TrainerClosureMixin:
         sync_first_pass: all-reduce the first pass's gradients across ranks on sharpness
             steps. Default False: each rank perturbs its weights along its own gradient
             (Composer's behaviour: one all-reduce less; the second pass is always synced, so the
-            ranks' base steps, and weights, stay identical).
+            ranks' base steps, and weights, stay identical). Always synced where a rule steps
+            with the first pass's gradient (``reuse="looksam"``: :attr:`first_pass_must_sync`).
         second_pass_context: context-manager factory entered around the second pass, on top of
             the core's frozen normalisation statistics (the algorithm keeps the perturbed pass
             out of the training metrics with it).
@@ -70,7 +71,8 @@ class TrainerClosureMixin:
             nonlocal calls
             calls += 1
             if calls == 1:
-                loss = closure(ddp_sync=False) if sharp and not self.sync_first_pass else closure()
+                unsynced = sharp and not (self.sync_first_pass or self.first_pass_must_sync)
+                loss = closure(ddp_sync=False) if unsynced else closure()
             else:
                 with self._second_pass_context():
                     loss = closure(loss_dict={})

@@ -119,7 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     g = p.add_argument_group("sharpness-aware optimizers")
     # rho 0.1 rather than the library's 0.05: on 40% label noise the larger radius helps more
-    add_cli_options(g, ("rho", "percentile", "scope", "interval"), rho=0.1)
+    add_cli_options(g, ("rho", "percentile", "scope", "interval", "interval_mode", "interval_seed", "reuse", "reuse_alpha"),
+                    rho=0.1)
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)} or cuda:N; auto: cuda, else mps, else cpu")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16: CUDA only (loss scaling)")

@@ -90,7 +90,10 @@ def _register_refusals() -> None:
 _register_refusals()
 
 #: The option fields these arguments add (the ones every registered optimizer may take).
-SHARPNESS_FIELDS = ("rho", "percentile", "scope", "interval", "adaptive", "perturb_eps")
+SHARPNESS_FIELDS = (
+    "rho", "percentile", "scope", "interval", "adaptive", "perturb_eps", "interval_mode", "interval_seed", "reuse",
+    "reuse_alpha",
+)
 DEFAULT_OPTIM = getattr(HFTrainingArguments, "default_optim", "adamw_torch")  # transformers' own default
 
 
@@ -227,6 +230,12 @@ class SharpnessArgumentsMixin:
     interval: int = field(default=OPTIONS["interval"].default, metadata={"help": _help("interval")})
     adaptive: bool = field(default=OPTIONS["adaptive"].default, metadata={"help": _help("adaptive")})
     perturb_eps: float = field(default=OPTIONS["perturb_eps"].default, metadata={"help": _help("perturb_eps")})
+    interval_mode: Literal["fixed", "random"] = field(
+        default=OPTIONS["interval_mode"].default, metadata={"help": _help("interval_mode")}
+    )
+    interval_seed: int = field(default=OPTIONS["interval_seed"].default, metadata={"help": _help("interval_seed")})
+    reuse: Literal["none", "looksam"] = field(default=OPTIONS["reuse"].default, metadata={"help": _help("reuse")})
+    reuse_alpha: float = field(default=OPTIONS["reuse_alpha"].default, metadata={"help": _help("reuse_alpha")})
 
     def __post_init__(self):
         optim = _optimizer_name(self.optim, SharpnessOptimizerNames, "--optim")

@@ -43,6 +43,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from .._tensors import group_by_device_dtype
+from ..capabilities import entry_point
 from ..engine import PerturbationEngine
 from ..options import GroupOptions
 from ..registry import optimizer_info
@@ -66,6 +67,7 @@ class SharpnessCallback(TrainerCallback):
         self.info = optimizer_info(optimizer)
         given = check_sharpness_hparams(self.info.name, **hparams)
         self.hparams = {**{o.name: o.default for o in self.info.options}, **given}
+        entry_point("hf-callback").check_options(type(self).__name__, self.info.name, self.hparams)
         self.engine: PerturbationEngine | None = None  # over the Trainer's base optimizer
         self._params: list[Tensor] = []
         self._grads: dict[Tensor, Tensor] = {}  # the kept gradient, one buffer per parameter

@@ -16,7 +16,8 @@ define them), in this process only; then it runs the script as ``__main__`` with
 ``sys.argv`` and ``sys.path[0]`` set as ``python SCRIPT.py`` would. Scripts that import those
 names from ``transformers`` (directly or through subclasses they define) get ``--optim sam``,
 ``--optim zsharp``, their flags (``--base_optim --rho --percentile --scope --interval
---adaptive``) and true two-pass steps; without those flags the script runs as it always did.
+--interval_mode --reuse --reuse_alpha --adaptive --perturb_eps``) and true two-pass steps; without
+those flags the script runs as it always did.
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ Run a Hugging Face Trainer script with --optim sam / --optim zsharp available
   --percentile P      zsharp: |z| percentile cut (default 70)
   --scope S           zsharp: global | tensor (default global)
   --interval K        a sharpness step every K optimizer steps (default 1)
+  --interval_mode M   fixed | random (each step one with probability 1/K; default fixed)
+  --reuse R           none | looksam (steps between sharpness steps reuse its gradient; default none)
+  --reuse_alpha A     reuse=looksam: the reused part's weight (default 0.7)
   --adaptive          ASAM scaling by |w|
+  --perturb_eps E     added to the norm that divides rho (default 1e-12)
 Several processes: torchrun --nproc_per_node N -m zsharp_algos.hf SCRIPT.py ...
                or: accelerate launch --multi_gpu --num_processes N -m zsharp_algos.hf SCRIPT.py ...
 (no GPU: add --use_cpu to the script arguments for gloo DDP)"""

@@ -252,7 +252,7 @@ class SharpnessAwareDriver:
         """The closure the core calls once per pass (module doc)."""
         plugin, strategy = self.plugin, self.trainer.strategy
         sharp = optimizer.is_sharpness_step()
-        unsynced = sharp and not self.sync_first_pass and self.trainer.world_size > 1
+        unsynced = sharp and not (self.sync_first_pass or optimizer.first_pass_must_sync) and self.trainer.world_size > 1
         state = {"calls": 0, "first_result": None}
 
         def one_pass():
