@@ -330,7 +330,7 @@ def test_loops_written_for_this_library_do_not_warn(after_step):
 
 def test_messages_name_the_fix():
     model = mlp()
-    with pytest.raises(ValueError, match="did you mean 'sam'.*choose one of sam, zsharp, adam"):
+    with pytest.raises(ValueError, match="did you mean .sam.*choose one of friendlysam, gcsam, gsam, sam, zsharp, adam"):
         create_optimizer("sam ", model.parameters(), lr=0.1)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     opt.record_loss_gap(1.25, 2.0)  # Composer's closure returns floats

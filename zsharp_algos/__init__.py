@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .batchnorm import frozen_norm_stats
 from .grad_scaler import ClosureGradScaler
-from .optimizer import SAM, SharpnessAwareOptimizer, SkipStep, ZSharp
+from .optimizer import GCSAM, GSAM, SAM, FriendlySAM, SharpnessAwareOptimizer, SkipStep, ZSharp
 from .param_groups import no_perturbation_groups
 from .registry import create_optimizer, list_optimizers
 from .stats import SharpnessStats
@@ -35,6 +35,9 @@ def __getattr__(name: str):
 __all__ = [
     "SAM",
     "ZSharp",
+    "FriendlySAM",
+    "GSAM",
+    "GCSAM",
     "SharpnessAwareOptimizer",
     "SkipStep",
     "ClosureGradScaler",

@@ -95,6 +95,7 @@ from .order_stats import (
 )
 from .segments import Workspace, layout_for, value_dtype
 from .sharding import Shards
+from .variants import StateView, Transform
 from .stats import nonzero_count, squared_norm
 
 __all__ = ["Ascent", "Direction", "GradientDirection", "ZScoreDirection", "linear_rank"]
@@ -123,10 +124,19 @@ class Ascent(NamedTuple):
 
 
 class Direction:
-    """Builds the ascent direction in place and returns its :class:`Ascent`."""
+    """Builds the ascent direction in place and returns its :class:`Ascent`.
+
+    Args:
+        transform: a variant's rewrite of ``g`` before the direction's own work
+            (:mod:`zsharp_algos.variants`: FriendlySAM's ``g - sigma m``, GCSAM's centring), or
+            None.
+    """
 
     name = "base"
     uses_storage = False  # whether it works in the ``storage`` buffer when one is lent
+
+    def __init__(self, transform: Transform | None = None):
+        self.transform = transform
 
     def __call__(
         self,
@@ -137,6 +147,7 @@ class Direction:
         storage: Tensor | None = None,
         shards: Shards | None = None,
         stats: bool = False,
+        state: StateView | None = None,
     ) -> Ascent:
         """Write the direction ``d`` into ``grads`` and return the norms ``nu_i`` (and, with
         ``stats``, ``||g||^2`` and the kept count) as an :class:`Ascent`.
@@ -146,8 +157,15 @@ class Direction:
         ``grads``, free to overwrite during the call (a direction may keep work there).
         ``shards``: set when ``params`` and ``grads`` are the local shards of FSDP2 DTensors
         (:mod:`zsharp_algos.sharding`): the norms (and any statistic over a tensor) must then be
-        those of the whole tensors, completed across ``shards.group``."""
+        those of the whole tensors, completed across ``shards.group``. ``state``: the
+        optimizer state of the tensors, for a transform that keeps some."""
         raise NotImplementedError
+
+    def _transform(self, params, grads, state: StateView | None) -> None:
+        if self.transform is not None:
+            if state is None:
+                raise ValueError(f"{type(self.transform).__name__} keeps optimizer state: pass state=")
+            self.transform(params, grads, state)
 
 
 # --------------------------------------------------------------------------- norms
@@ -248,19 +266,21 @@ def _own_norms(params, grads, adaptive, scratch: Tensor | None, shards: Shards |
 
 # --------------------------------------------------------------------------- SAM
 class GradientDirection(Direction):
-    """SAM: ascend along the gradient itself, scaled by its global norm."""
+    """SAM: ascend along the gradient (or a variant's transform of it), scaled by its global
+    norm."""
 
     name = "sam"
 
-    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False):
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False, state=None):
+        raw_sq = None
+        if stats and (self.transform is not None or any(_flags(adaptive, len(grads)))):
+            # ||g|| is then not the norm below (ASAM's is ||T d||): one norm of its own
+            raw_sq = _global_norms(params, grads, False, shards=shards)[0].square()
+        self._transform(params, grads, state)
         norms = _global_norms(params, grads, adaptive, shards=shards)
         if not stats:
             return Ascent(norms)
-        if any(_flags(adaptive, len(grads))):  # ASAM's norm is ||T g||: ||g|| costs a norm of its own
-            grad_sq = _global_norms(params, grads, False, shards=shards)[0].square()
-        else:
-            grad_sq = norms[0].square()
-        return Ascent(norms, grad_sq=grad_sq)
+        return Ascent(norms, grad_sq=norms[0].square() if raw_sq is None else raw_sq)
 
 
 # --------------------------------------------------------------------------- ZSharp
@@ -304,7 +324,8 @@ class ZScoreDirection(Direction):
     SCOPES = ("global", "tensor")
     uses_storage = True  # |z| is kept there
 
-    def __init__(self, percentile: float = 70.0, scope: str = "global"):
+    def __init__(self, percentile: float = 70.0, scope: str = "global", transform: Transform | None = None):
+        super().__init__(transform)
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile < 100:
             raise ValueError(f"percentile must be a number in (0, 100), got {percentile!r}")
         if scope not in self.SCOPES:
@@ -312,7 +333,7 @@ class ZScoreDirection(Direction):
         self.percentile = float(percentile)
         self.scope = scope
 
-    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False):
+    def __call__(self, params, grads, *, adaptive, storage=None, shards=None, stats=False, state=None):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise ValueError(
@@ -321,6 +342,7 @@ class ZScoreDirection(Direction):
         flags = _flags(adaptive, len(grads))
         numels = [g.numel() for g in grads] if shards is None else shards.numels
         grad_sq = _whole_sum(squared_norm(grads), shards) if stats else None
+        self._transform(params, grads, state)
         if self.scope == "global":
             norms = self._global(params, grads, flags, storage, shards, numels)
         else:

@@ -32,6 +32,7 @@ from .directions import Direction
 from .options import OPTIONS, GroupOptions
 from .placement import Placement
 from .schedule import sharpness_due
+from .variants import StateView
 from .sharding import local, shards_of
 from .stats import SharpnessStats
 
@@ -149,13 +150,14 @@ class PerturbationEngine:
         # a tensor or the model is completed across the shard group, and the weights are
         # perturbed in place (FSDP all-gathers the next forward's weights from the shard itself).
         shards = shards_of([p for _, ps, _, _ in pools.values() for p in ps])
+        states = {k: StateView(self.owner.state, ps) for k, (_, ps, _, _) in pools.items()}
         pools = {k: (d, [local(p) for p in ps], [local(g) for g in gs], o) for k, (d, ps, gs, o) in pools.items()}
         all_params, all_grads, all_coefs = [], [], []
         recorded = []  # per pool: grad_sq, e_sq, kept, numel
         # The weights are untouched until placement: an error in a direction leaves them as they were.
         into_buffer = False
         offset = 0
-        for direction, params, grads, owners in pools.values():
+        for key, (direction, params, grads, owners) in pools.items():
             storage = None
             if direction.uses_storage:
                 numel = sum(g.numel() for g in grads)
@@ -165,7 +167,8 @@ class PerturbationEngine:
             pool_shards = None if shards is None else shards.sub(shards.numels[offset : offset + len(params)])
             offset += len(params)
             ascent = direction(
-                params, grads, adaptive=adaptive, storage=storage, shards=pool_shards, stats=self.record_stats
+                params, grads, adaptive=adaptive, storage=storage, shards=pool_shards, stats=self.record_stats,
+                state=states[key],
             )
             coefs = coefficients(owners, ascent.norms)
             if any(adaptive):  # T^2 d: e's shape, the coefficient still to apply

@@ -34,10 +34,21 @@ from .batchnorm import frozen_norm_stats, norm_layers_seen
 from .directions import Direction, GradientDirection, ZScoreDirection
 from .engine import PerturbationEngine, group_due
 from .sharding import local
-from .options import OPTIONS, SAM_OPTIONS, ZSHARP_OPTIONS, GroupOptions, Option, check_options, keywords_of
-from .rules import FirstPassGradients, LookSAMReuse
+from .options import (
+    OPTIONS,
+    SAM_OPTIONS,
+    VARIANT_OPTIONS,
+    ZSHARP_OPTIONS,
+    GroupOptions,
+    Option,
+    check_options,
+    fixed_variant,
+    keywords_of,
+)
+from .rules import FirstPassGradients, GSAMUpdate, LookSAMReuse
+from .variants import VARIANTS, check_combination, first_pass_state, transform_for
 
-__all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "SkipStep"]
+__all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "FriendlySAM", "GSAM", "GCSAM", "SkipStep"]
 
 Closure = Callable[[], Any]
 RHO_KEY = OPTIONS["rho"].key
@@ -112,7 +123,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: The options this optimizer takes (param-group keys), in :mod:`zsharp_algos.options`.
     options: tuple[Option, ...] = SAM_OPTIONS
     #: The update rules (:mod:`zsharp_algos.rules`) that may change the gradient the base steps with.
-    rules: tuple = (LookSAMReuse(),)
+    rules: tuple = (LookSAMReuse(), GSAMUpdate())
     #: The options the direction takes (a subset of :attr:`options`).
     direction_options: tuple[str, ...] = ()
     #: Composer's trainer passes closures under fp16 only to optimizers that set this.
@@ -147,6 +158,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         _refuse_shared_keywords(ours, params, base_optimizer, kwargs, owner)
         given = check_options(ours, self.options, owner)
         options = {**{o.name: o.default for o in self.options}, **given}
+        _refuse_other_variants_options(given, options.get("variant"), owner)
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and max_grad_norm > 0
         ):
@@ -156,7 +168,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         base = _base_optimizer(params, base_optimizer, kwargs, owner)
         self.base_optimizer = base
         self._options_defaults = options
-        self.group_options = GroupOptions(self.options, owner, base_names=base.defaults)
+        has_variant = any(o.name == "variant" for o in self.options)
+        self.group_options = GroupOptions(
+            self.options, owner, base_names=base.defaults, combination=check_combination if has_variant else None
+        )
         self.max_grad_norm = max_grad_norm
         self.model = model
         self.schedule = schedule
@@ -231,7 +246,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         Integrations that skip the first pass's all-reduce (Composer, Lightning, the HF Trainer,
         accelerate) run it synchronised then."""
         return any(
-            rule.keeps_first_gradient and rule.applies(g) and g[RHO_KEY] > 0 for rule in self.rules for g in self.param_groups
+            g[RHO_KEY] > 0 and (first_pass_state(g) or any(r.keeps_first_gradient and r.applies(g) for r in self.rules))
+            for g in self.param_groups
         )
 
     @torch.no_grad()
@@ -475,7 +491,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        # rho, and the options set away from their defaults
+        defaults = {o.name: o.default for o in self.options}
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items() if k == "rho" or v != defaults[k])
         return f"{type(self).__name__}({hp}, base={type(self.base_optimizer).__name__})"
 
 
@@ -517,10 +535,23 @@ def _loss_tensor(loss: Any) -> torch.Tensor | None:
 
 def _kind(class_name: str) -> str:
     # ZSharp and a framework's ZSharp subclass (ComposerZSharp) load each other's state
-    for kind in ("ZSharp", "SAM"):
+    for kind in ("ZSharp", "FriendlySAM", "GCSAM", "GSAM", "SAM"):
         if class_name.endswith(kind):
             return kind
     return class_name
+
+
+def _refuse_other_variants_options(given: dict, variant: str | None, owner: str) -> None:
+    """A variant's hyper-parameter given without that variant would change nothing: refuse it."""
+    if variant is None:
+        return
+    for name in given:
+        takers = [v.name for v in VARIANTS.values() if name in v.options]
+        if takers and variant not in takers:
+            raise TypeError(
+                f"{owner}: {name} is the option of variant={takers[0]!r}, and this optimizer's variant is {variant!r}; "
+                f"pass variant={takers[0]!r} too, or drop {name}"
+            )
 
 
 def _refuse_shared_keywords(ours: dict, params, base_optimizer, base_kwargs: dict, owner: str) -> None:
@@ -577,13 +608,25 @@ class SAM(SharpnessAwareOptimizer):
     """Sharpness-Aware Minimization (Foret et al., 2021): ``e = rho * g / ||g||``.
 
     ``adaptive=True`` gives ASAM (Kwon et al., 2021): ``e = rho * |w|^2 g / || |w| g ||``.
-    See :class:`SharpnessAwareOptimizer` for the arguments.
+    ``variant`` picks a member of the SAM family (:mod:`zsharp_algos.variants`): ``"friendly"``
+    (FriendlySAM, with ``sigma`` and ``lmbda``), ``"gsam"`` (GSAM, with ``alpha``),
+    ``"gcsam"`` (GCSAM); :class:`FriendlySAM`, :class:`GSAM` and :class:`GCSAM` are the same
+    with the variant fixed. See :class:`SharpnessAwareOptimizer` for the other arguments.
     """
+
+    options = SAM_OPTIONS + VARIANT_OPTIONS
+    direction_options = ("variant", "sigma", "lmbda")
 
     def __init__(self, params=None, base_optimizer=None, **kwargs):
         if "direction" in kwargs:
-            raise TypeError("SAM always ascends along the gradient; use SharpnessAwareOptimizer for other directions")
+            raise TypeError(
+                f"{type(self).__name__}'s direction is set by variant; use SharpnessAwareOptimizer for other directions"
+            )
         super().__init__(params, base_optimizer, **kwargs)
+
+    @staticmethod
+    def make_direction(variant: str = "none", sigma: float = 1.0, lmbda: float = 0.9) -> Direction:
+        return GradientDirection(transform_for(variant, sigma, lmbda))
 
 
 class ZSharp(SharpnessAwareOptimizer):
@@ -598,22 +641,67 @@ class ZSharp(SharpnessAwareOptimizer):
             code: a threshold and a normalisation per tensor with ``ndim > 1``). The paper's
             settings are ``ZSharp(params, torch.optim.Adam, rho=0.05, percentile=95,
             scope="tensor", lr=1e-3)``.
+        variant: the filter applied to a SAM variant's direction (:mod:`zsharp_algos.variants`):
+            ``"friendly"`` (FriendlySAM's ``g - sigma m``, with ``sigma``, ``lmbda``),
+            ``"gcsam"`` (the centred gradient), ``"gsam"`` (ZSharp's perturbation, GSAM's step,
+            with ``alpha``); ``adaptive=True`` is ASAM's scaling.
         other arguments: as :class:`SharpnessAwareOptimizer`.
 
-    Groups sharing ``percentile`` and ``scope`` are filtered together (one threshold over all of
-    them in the global scope). ZSharp's thresholds are over tensors on one device. See
-    :mod:`zsharp_algos.directions` for the exact definitions.
+    Groups sharing ``percentile``, ``scope`` and the variant's direction are filtered together
+    (one threshold over all of them in the global scope). ZSharp's thresholds are over tensors
+    on one device. See :mod:`zsharp_algos.directions` for the exact definitions.
     """
 
-    options = SAM_OPTIONS + ZSHARP_OPTIONS
-    direction_options = ("percentile", "scope")
+    options = SAM_OPTIONS + VARIANT_OPTIONS + ZSHARP_OPTIONS
+    direction_options = ("percentile", "scope", "variant", "sigma", "lmbda")
 
     def __init__(self, params=None, base_optimizer=None, **kwargs):
         if "direction" in kwargs:
-            raise TypeError("ZSharp's direction is set by percentile and scope")
+            raise TypeError("ZSharp's direction is set by percentile, scope and variant")
         super().__init__(params, base_optimizer, **kwargs)
 
     @staticmethod
-    def make_direction(percentile: float, scope: str) -> Direction:
-        return ZScoreDirection(percentile, scope)
+    def make_direction(
+        percentile: float, scope: str, variant: str = "none", sigma: float = 1.0, lmbda: float = 0.9
+    ) -> Direction:
+        return ZScoreDirection(percentile, scope, transform_for(variant, sigma, lmbda))
 
+
+class FriendlySAM(SAM):
+    """FriendlySAM (Li et al., CVPR 2024, "Friendly Sharpness-Aware Minimization"): SAM along
+    ``g - sigma * m``, ``m`` an exponential moving average of past first-pass gradients
+    (:mod:`zsharp_algos.variants`); ``m`` is optimizer state, one parameter-sized buffer.
+
+    Args:
+        sigma: the weight of ``m``, default 1.0 (the authors').
+        lmbda: the decay of ``m``, default 0.9 (the authors').
+        other arguments: as :class:`SharpnessAwareOptimizer`.
+    """
+
+    options = SAM_OPTIONS + (fixed_variant("friendly"), OPTIONS["sigma"], OPTIONS["lmbda"])
+
+
+class GSAM(SAM):
+    """GSAM (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization"):
+    perturb as SAM, step with ``g_s - alpha * g_perp``, the part of the first gradient
+    orthogonal to the second taken out (:mod:`zsharp_algos.rules`). Keeps the first pass's
+    gradient through the step: one parameter-sized buffer. Its rho schedule tied to the learning
+    rate is yours: ``rho`` is a param-group option (``param_groups[i]["sharpness_rho"]``, or
+    ``opt.rho = ...``).
+
+    Args:
+        alpha: the weight of ``g_perp``, default 0.2 (GSAM's official PyTorch example).
+        other arguments: as :class:`SharpnessAwareOptimizer`.
+    """
+
+    options = SAM_OPTIONS + (fixed_variant("gsam"), OPTIONS["alpha"])
+    direction_options = ("variant",)
+
+
+class GCSAM(SAM):
+    """GCSAM (Hassan et al., 2025, "Gradient Centralized Sharpness Aware Minimization"): SAM
+    along the gradient centred per output channel (tensors with ``ndim > 1``), scaled to
+    ``||e|| = rho``. No state. See :class:`SharpnessAwareOptimizer` for the arguments."""
+
+    options = SAM_OPTIONS + (fixed_variant("gcsam"),)
+    direction_options = ("variant",)

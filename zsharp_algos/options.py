@@ -29,7 +29,9 @@ __all__ = [
     "KEY_PREFIX",
     "Option",
     "SAM_OPTIONS",
+    "VARIANT_OPTIONS",
     "ZSHARP_OPTIONS",
+    "fixed_variant",
     "OPTIONS",
     "check_option",
     "check_options",
@@ -74,6 +76,7 @@ class Option:
     expects: str  # completes "rho must be ..."
     help: str
     choices: tuple[str, ...] | None = None  # the values of an option that names one of a few
+    keyword: bool = True  # False: fixed by the optimizer class (FriendlySAM's variant), not a keyword
 
     @property
     def key(self) -> str:
@@ -160,10 +163,36 @@ ZSHARP_OPTIONS: tuple[Option, ...] = (
     ),
 )
 
+#: The variants of :mod:`zsharp_algos.variants` and their hyper-parameters, for SAM and ZSharp
+#: (FriendlySAM, GSAM and GCSAM fix ``variant`` and take only their own).
+VARIANT_OPTIONS: tuple[Option, ...] = (
+    _choice(
+        "variant", "none", ("none", "friendly", "gsam", "gcsam"),
+        "the SAM variant: 'friendly' (FriendlySAM), 'gsam' (GSAM), 'gcsam' (GCSAM); with ZSharp, "
+        "its filter applies to the variant's direction",
+    ),
+    Option("sigma", 1.0, _finite_at_least_zero, float, "a finite number >= 0",
+           "variant='friendly': the weight of the gradient EMA subtracted from g"),
+    Option("lmbda", 0.9, lambda v: _number(v) and 0 <= v <= 1, float, "a number in [0, 1]",
+           "variant='friendly': the decay of the EMA of past first-pass gradients"),
+    Option("alpha", 0.2, _finite_at_least_zero, float, "a finite number >= 0",
+           "variant='gsam': the weight of the first gradient's part orthogonal to the second, subtracted"),
+)
+
+
+def fixed_variant(name: str) -> Option:
+    """The ``variant`` option of a class that is that variant (not a keyword: always ``name``)."""
+    general = VARIANT_OPTIONS[0]
+    return Option(
+        "variant", name, lambda v: v == name, str, f"{name!r} (this optimizer's own)", general.help,
+        general.choices, keyword=False,
+    )
+
+
 _ZSHARP_NAMES = {o.name for o in ZSHARP_OPTIONS}
 
 #: Every option by name.
-OPTIONS: dict[str, Option] = {o.name: o for o in SAM_OPTIONS + ZSHARP_OPTIONS}
+OPTIONS: dict[str, Option] = {o.name: o for o in SAM_OPTIONS + VARIANT_OPTIONS + ZSHARP_OPTIONS}
 #: Every option by param-group key.
 _BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS.values()}
 
@@ -185,7 +214,15 @@ def check_options(values: Mapping[str, Any], allowed: Iterable[Option], owner: s
     """Validate ``values`` (keywords) against ``allowed``; an option of another optimizer
     (``percentile`` given to SAM) is named as such, so the error does not blame the base
     optimizer."""
-    allowed = {o.name: o for o in allowed}
+    allowed = tuple(allowed)
+    fixed = {o.name: o for o in allowed if not o.keyword}
+    for name in values:
+        if name in fixed:
+            raise TypeError(
+                f"{owner}'s {name} is {fixed[name].default!r}, always; for another, use SAM(..., {name}=...) or "
+                f"ZSharp(..., {name}=...)"
+            )
+    allowed = {o.name: o for o in allowed if o.keyword}
     foreign = [k for k in values if k not in allowed and k in OPTIONS]
     if foreign:
         raise _foreign_error(owner, foreign, allowed)
@@ -217,12 +254,21 @@ class GroupOptions:
         owner: the optimizer's name, for messages.
         base_names: the group keys the base optimizer uses itself (its ``defaults``): a plain
             spelling among them (Adadelta's ``rho``) is the base's, never taken as ours.
+        combination: ``combination(group, where)`` raises ``ValueError`` for values that are
+            each valid but do not go together (checked with the values).
     """
 
-    def __init__(self, options: Iterable[Option], owner: str, base_names: Iterable[str] = ()):
+    def __init__(
+        self,
+        options: Iterable[Option],
+        owner: str,
+        base_names: Iterable[str] = (),
+        combination: Callable[[Mapping, str], None] | None = None,
+    ):
         self.options = tuple(options)
         self.owner = owner
         self.base_names = frozenset(base_names)
+        self.combination = combination
         self._allowed = {o.name: o for o in self.options}
 
     def fill(self, group: dict, defaults: Mapping[str, Any]) -> None:
@@ -239,6 +285,8 @@ class GroupOptions:
             self._adopt_plain(group, o)
             value = group.get(o.key, defaults[o.name])
             group[o.key] = o.validate(value, self.owner, f"param group option {o.key!r}")
+        if self.combination is not None:
+            self.combination(group, f"{self.owner}: a param group")
 
     def _adopt_plain(self, group: dict, o: Option) -> None:
         if o.name in group and o.name not in self.base_names:
@@ -270,6 +318,8 @@ class GroupOptions:
                     raise ValueError(
                         f"{self.owner}: param_groups[{i}][{o.key!r}] must be {o.expects}, got {value!r}"
                     )
+            if self.combination is not None:
+                self.combination(group, f"{self.owner}: param_groups[{i}]")
 
     def value(self, groups: Sequence[dict], name: str) -> Any:
         """The value of option ``name`` that every group shares (``ValueError`` if they differ)."""
@@ -353,14 +403,16 @@ class TakesOptions:
         super().__init_subclass__(**kwargs)
         if cls.optimizer_cls is not None:
             keyword = inspect.Parameter.KEYWORD_ONLY
-            params = [inspect.Parameter(o.name, keyword, default=o.default) for o in cls.optimizer_cls.options]
+            params = [
+                inspect.Parameter(o.name, keyword, default=o.default) for o in cls.optimizer_cls.options if o.keyword
+            ]
             params += [inspect.Parameter(k, keyword, default=v) for k, v in cls.extra_parameters.items()]
             cls.__signature__ = inspect.Signature(params)
 
     def _take_options(self, options: Mapping[str, Any]) -> None:
         allowed = self.optimizer_cls.options
         given = check_options(options, allowed, type(self).__name__)
-        self.options = {**{o.name: o.default for o in allowed}, **given}
+        self.options = {**{o.name: o.default for o in allowed if o.keyword}, **given}
 
     def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("options", {})

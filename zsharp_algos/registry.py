@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from .optimizer import GCSAM, GSAM, SAM, FriendlySAM, SharpnessAwareOptimizer, ZSharp
 from .options import Option, keywords_of
 
 __all__ = [
@@ -69,6 +69,9 @@ def register_optimizer(name: str, cls: type[SharpnessAwareOptimizer], summary: s
 
 register_optimizer("sam", SAM, "SAM (Foret et al., 2021): perturb along the gradient")
 register_optimizer("zsharp", ZSharp, "ZSharp (arXiv 2505.02369): perturb along the significant z-score entries")
+register_optimizer("friendlysam", FriendlySAM, "FriendlySAM (Li et al., CVPR 2024): perturb along g - sigma * EMA(g)")
+register_optimizer("gsam", GSAM, "GSAM (Zhuang et al., ICLR 2022): step with g_s - alpha * (g orthogonal to g_s)")
+register_optimizer("gcsam", GCSAM, "GCSAM (Hassan et al., 2025): perturb along the gradient centred per output channel")
 
 
 def list_optimizers() -> list[str]:

@@ -11,6 +11,11 @@ may change that gradient right before the base step, using the first pass's grad
   orthogonal to ``g``, ``g_v = g_s - (<g, g_s> / ||g||^2) g``, and steps with ``g_s``; on a plain
   step it steps with ``g + reuse_alpha * ||g|| / ||g_v|| * g_v`` (one forward/backward pass, a
   few multi-tensor kernels), and with ``g`` before the first sharpness step.
+* **GSAM** (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization"),
+  ``variant="gsam"``: on a sharpness step it steps with ``g_s - alpha * g_perp``, where
+  ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s`` is the part of ``g`` orthogonal to ``g_s``; plain
+  steps are plain. With ``D = g - g_s`` (which :func:`decompose` leaves in the kept buffer) that is
+  ``(1 - alpha + alpha <g, g_s> / ||g_s||^2) g_s - alpha D``: two multi-tensor kernels.
 
 Inner products and norms are over all tensors the rule applies to (every group with the rule),
 completed across the shard group under FSDP2 in one collective. :func:`decompose` is the piece
@@ -31,9 +36,12 @@ from .order_stats import reads_host
 from .placement import WorkBuffer
 from .sharding import Shards, local, shards_of
 
-__all__ = ["FirstPassGradients", "decompose", "squared_norms", "add_scaled", "LookSAMReuse", "REUSE_KEY"]
+__all__ = [
+    "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "LookSAMReuse", "GSAMUpdate", "REUSE_KEY",
+]
 
 REUSE, REUSE_ALPHA = OPTIONS["reuse"].key, OPTIONS["reuse_alpha"].key
+VARIANT, ALPHA = OPTIONS["variant"].key, OPTIONS["alpha"].key
 #: The optimizer-state key of LookSAM's ``g_v`` (one tensor per parameter, shaped and sharded as it).
 REUSE_KEY = "sharpness_looksam_gv"
 
@@ -176,3 +184,38 @@ class LookSAMReuse:
         for alpha in alphas:  # groups may weigh the reused part differently
             mine = [i for i, (_, a) in enumerate(tensors) if a == alpha]
             add_scaled([g[i] for i in mine], [v[i] for i in mine], alpha * ratio)
+
+
+# --------------------------------------------------------------------------- GSAM
+class GSAMUpdate:
+    """GSAM's step (module doc). Applies to the param groups with ``variant="gsam"``."""
+
+    keeps_first_gradient = True
+
+    @staticmethod
+    def applies(group: dict) -> bool:
+        return group.get(VARIANT) == "gsam"  # the core SharpnessAwareOptimizer has no variant
+
+    @torch.no_grad()
+    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
+        """``.grad <- g_s - alpha * g_perp`` from ``.grad`` (``g_s``) and the kept ``g``, which is
+        used up as scratch."""
+        tensors = [(p, g[ALPHA]) for g in groups for p in g["params"] if p.grad is not None]
+        params = [p for p, _ in tensors]
+        if not params:
+            return
+        g = kept.of([local(p) for p in params])
+        if g is None:  # not perturbed this step
+            return
+        g_s = [local(p.grad) for p in params]
+        _, ss, dot = decompose(g, g_s, into=g, shards=shards_of(params))  # g <- D = g - g_s
+        along = torch.where(ss > 0, dot / ss, torch.zeros_like(ss))  # <g, g_s> / ||g_s||^2
+        for alpha in sorted({a for _, a in tensors}):  # groups may weigh g_perp differently
+            mine = [i for i, (_, a) in enumerate(tensors) if a == alpha]
+            _scale([g_s[i] for i in mine], 1 - alpha + alpha * along)
+            for _, (gs, ds) in group_by_device_dtype([g_s[i] for i in mine], [g[i] for i in mine]):
+                torch._foreach_add_(gs, ds, alpha=-alpha)
+        kept.clear()
+
+    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
+        """Plain steps are plain."""

@@ -1,0 +1,167 @@
+r"""The SAM family as variants of one engine: each is its direction, and where it has them, its
+update rule and its state.
+
+A variant changes one or both ends of the sharpness step:
+
+* its **transform** rewrites the first-pass gradient ``g`` into the ascent direction ``d``
+  before the scaling of the chosen direction (SAM's global norm, or ZSharp's z-score filter,
+  :mod:`zsharp_algos.directions`), in place;
+* its **update rule** (:mod:`zsharp_algos.rules`) changes the gradient the base optimizer steps
+  with after the second pass.
+
+=============  =====================================================  ===================================
+``variant``    direction                                              step with
+=============  =====================================================  ===================================
+``"none"``     ``d = g``                                              ``g_s``
+``"friendly"`` FriendlySAM (Li et al., CVPR 2024): ``d = g - sigma m``  ``g_s``
+``"gsam"``     ``d = g`` (GSAM, Zhuang et al., ICLR 2022)              ``g_s - alpha g_perp``
+``"gcsam"``    GCSAM (Hassan et al., 2025): ``g`` centred per output   ``g_s``
+               channel
+=============  =====================================================  ===================================
+
+* FriendlySAM: ``m`` is an exponential moving average of past first-pass gradients, updated
+  after the direction is formed, ``m <- lmbda m + (1 - lmbda) g``, with the raw ``g``; on a
+  tensor's first sharpness step ``m = g`` and ``d = g`` (the authors' code). ``m`` lives in the
+  optimizer state (``sharpness_friendly_m``), shaped and sharded as the parameter, and is
+  updated on sharpness steps only.
+* GSAM: ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s``, the part of the first gradient orthogonal to
+  the second (inner products over all tensors of the ``gsam`` groups); its rho schedule tied to
+  the learning rate is the user's (``rho`` is a param-group option).
+* GCSAM: for each tensor with ``ndim > 1``, ``d = g - mean(g)`` over every dimension but the
+  first (one mean per output channel); other tensors keep ``g``. SAM's scaling then gives
+  ``||e|| = rho``.
+
+Composition: ``ZSharp(..., variant="friendly")`` filters FriendlySAM's direction,
+``variant="gcsam"`` the centred gradient, ``variant="gsam"`` steps GSAM's way from ZSharp's
+perturbation; ``adaptive=True`` is ASAM's scaling for any of them.
+
+State kept from the first pass (FriendlySAM's ``m``, the ``g`` that GSAM and LookSAM step with)
+must be the same on every data-parallel rank for a resumed run to continue as the uninterrupted
+one: :func:`first_pass_state` tells the integrations to all-reduce the first pass then.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import group_by_device_dtype
+from .options import OPTIONS
+from .sharding import local
+
+__all__ = ["VARIANTS", "Variant", "Transform", "FriendlyTransform", "CentredTransform", "StateView",
+           "transform_for", "first_pass_state", "check_combination", "FRIENDLY_KEY"]
+
+VARIANT, REUSE = OPTIONS["variant"].key, OPTIONS["reuse"].key
+FRIENDLY_KEY = "sharpness_friendly_m"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant's record: its options (besides ``variant``) and what it needs."""
+
+    name: str
+    summary: str
+    options: tuple[str, ...] = ()  # the options it reads
+    first_pass_state: bool = False  # keeps state from the first pass's gradient
+    update_rule: bool = False  # steps with both passes' gradients (a rule after the second pass)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("none", "the direction's own gradient"),
+        Variant("friendly", "FriendlySAM: g - sigma * m, m an EMA of past first-pass gradients",
+                ("sigma", "lmbda"), first_pass_state=True),
+        Variant("gsam", "GSAM: perturb as the direction, step with g_s - alpha * g_perp",
+                ("alpha",), first_pass_state=True, update_rule=True),
+        Variant("gcsam", "GCSAM: the gradient centred per output channel"),
+    )
+}
+
+
+def first_pass_state(group: Mapping) -> bool:
+    """Whether ``group``'s variant keeps state from the first pass's gradient."""
+    return VARIANTS[group.get(VARIANT, "none")].first_pass_state
+
+
+def check_combination(group: Mapping, where: str) -> None:
+    """Refuse a variant with LookSAM reuse where both would step with the first pass's gradient
+    after the second pass (GSAM): each uses it up; one or the other."""
+    if group[VARIANT] == "gsam" and group[REUSE] == "looksam":
+        raise ValueError(
+            f"{where} combines variant='gsam' with reuse='looksam': both rewrite the step's gradient from the first "
+            "pass's; choose one (GSAM every sharpness step, or LookSAM's cheaper reuse between them)"
+        )
+
+
+@dataclass(frozen=True)
+class StateView:
+    """The optimizer state of a pool's tensors: ``state[originals[i]]``, the originals being the
+    param-group tensors (DTensors under FSDP2, whose state is sharded as they are)."""
+
+    state: Mapping
+    originals: Sequence[Tensor]
+
+    def get(self, key: str) -> list[Tensor | None]:
+        """Each tensor's ``key`` entry as this process holds it (None where absent)."""
+        return [None if key not in self.state[p] else local(self.state[p][key]) for p in self.originals]
+
+    def create(self, key: str, index: Sequence[int]) -> list[Tensor]:
+        """New zero entries ``key`` for the tensors at ``index``, shaped (and sharded) as the
+        parameters; returns their local tensors."""
+        for i in index:
+            self.state[self.originals[i]][key] = torch.zeros_like(self.originals[i])
+        return [local(self.state[self.originals[i]][key]) for i in index]
+
+
+class Transform:
+    """Rewrites ``g`` into the direction, in place, before the direction's scaling."""
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: StateView) -> None:
+        raise NotImplementedError
+
+
+class FriendlyTransform(Transform):
+    """``d = g - sigma * m``, then ``m <- lmbda * m + (1 - lmbda) * g`` (module doc), in three
+    multi-tensor kernels and no scratch: with ``g = d + sigma * m``, the new ``m`` is
+    ``(lmbda + (1 - lmbda) sigma) m + (1 - lmbda) d``."""
+
+    def __init__(self, sigma: float, lmbda: float):
+        self.sigma, self.lmbda = sigma, lmbda
+
+    def __call__(self, params, grads, state):
+        ms = state.get(FRIENDLY_KEY)
+        fresh = [i for i, m in enumerate(ms) if m is None]
+        if fresh:  # the first sharpness step of these tensors: m = g, d = g
+            for _, (new, gs) in group_by_device_dtype(state.create(FRIENDLY_KEY, fresh), [grads[i] for i in fresh]):
+                torch._foreach_copy_(new, gs)
+        old = [i for i, m in enumerate(ms) if m is not None]
+        if not old:
+            return
+        for _, (gs, m) in group_by_device_dtype([grads[i] for i in old], [ms[i] for i in old]):
+            torch._foreach_add_(gs, m, alpha=-self.sigma)
+            torch._foreach_mul_(m, self.lmbda + (1 - self.lmbda) * self.sigma)
+            torch._foreach_add_(m, gs, alpha=1 - self.lmbda)
+
+
+class CentredTransform(Transform):
+    """``g <- g - mean(g)`` over every dimension but the first, for tensors with ``ndim > 1``
+    (each output channel centred). Under FSDP2 each process holds whole rows of a tensor
+    (``Shard(0)``), so the means need no communication."""
+
+    def __call__(self, params, grads, state):
+        for g in grads:
+            if g.dim() > 1 and g.numel():
+                g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+
+
+def transform_for(variant: str, sigma: float = 1.0, lmbda: float = 0.9) -> Transform | None:
+    """The transform of ``variant`` (None where the direction takes ``g`` as it is)."""
+    if variant == "friendly":
+        return FriendlyTransform(sigma, lmbda)
+    if variant == "gcsam":
+        return CentredTransform()
+    return None
