@@ -87,3 +87,49 @@ def sharpness_step(model, loss_fn, base_opt, perturbation, bn_frozen=True):
                 b.copy_(buffers[n])
     base_opt.step()
     return loss
+
+
+def centred(g):
+    """GCSAM's direction: each output channel (first dimension) of a tensor with ndim > 1 minus
+    its mean; other tensors as they are."""
+    return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g.clone()
+
+
+class PaperFriendlySAM:
+    """FriendlySAM as the ZSharp paper's official code steps it (a per-tensor loop), written from
+    its description: on a tensor's first step the momentum is the gradient and the direction the
+    gradient; afterwards the direction is g - sigma * momentum, then momentum <- lmbda * momentum
+    + (1 - lmbda) * g; e = rho * T^2 d / (||T d|| + 1e-12); w restored from a copy after the
+    second pass, then the base optimizer steps."""
+
+    def __init__(self, params, base, rho=0.05, sigma=1.0, lmbda=0.9, adaptive=False):
+        self.params, self.base = list(params), base
+        self.rho, self.sigma, self.lmbda, self.adaptive = rho, sigma, lmbda, adaptive
+        self.momentum, self.old = {}, {}
+
+    @torch.no_grad()
+    def first_step(self):
+        for p in self.params:
+            if p.grad is None:
+                continue
+            g = p.grad.clone()
+            if p not in self.momentum:
+                self.momentum[p] = g
+            else:
+                p.grad -= self.momentum[p] * self.sigma
+                self.momentum[p] = self.momentum[p] * self.lmbda + g * (1 - self.lmbda)
+        norm = torch.norm(torch.stack([((p.abs() if self.adaptive else 1.0) * p.grad).norm(p=2)
+                                       for p in self.params if p.grad is not None]), p=2)
+        scale = self.rho / (norm + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.old[p] = p.data.clone()
+            p.add_((p.pow(2) if self.adaptive else 1.0) * p.grad * scale)
+
+    @torch.no_grad()
+    def second_step(self):
+        for p in self.params:
+            if p in self.old:
+                p.data = self.old[p]
+        self.base.step()

@@ -233,3 +233,28 @@ def test_random_interval_optimizer_decides_by_seed_and_step():
     assert 3 <= sum(seen) <= 18
     a.schedule = lambda: 17  # a framework's own counter
     assert a.is_sharpness_step() == sharpness_due(17, 3, "random", 11)
+
+
+def test_looksam_over_adam_leaves_adams_lazy_state_alone():
+    """Adam creates its state when a parameter's entry is empty: g_v, made before Adam's first
+    step, must not stop that (its steps equal a hand-written SAM step over Adam)."""
+    ours, ref = tiny(), tiny()
+    opt = SAM(ours.parameters(), torch.optim.Adam, lr=1e-3, rho=RHO, reuse="looksam")
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    for t in range(3):
+        x, y = batch(t)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ours(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        from reference import sharpness_step
+
+        sharpness_step(ref, lambda m: nn.functional.cross_entropy(m(x), y), ref_opt,
+                       lambda p, g: sam_perturbation(p, g, RHO), bn_frozen=False)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        assert {"exp_avg", "exp_avg_sq", "step", REUSE_KEY} <= set(opt.state[p])

@@ -45,7 +45,7 @@ from .options import (
     fixed_variant,
     keywords_of,
 )
-from .rules import FirstPassGradients, GSAMUpdate, LookSAMReuse
+from .rules import FirstPassGradients, FriendlyMomentum, GSAMUpdate, LookSAMReuse, OwnState
 from .variants import VARIANTS, check_combination, first_pass_state, transform_for
 
 __all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "FriendlySAM", "GSAM", "GCSAM", "SkipStep"]
@@ -123,7 +123,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: The options this optimizer takes (param-group keys), in :mod:`zsharp_algos.options`.
     options: tuple[Option, ...] = SAM_OPTIONS
     #: The update rules (:mod:`zsharp_algos.rules`) that may change the gradient the base steps with.
-    rules: tuple = (LookSAMReuse(), GSAMUpdate())
+    #: FriendlyMomentum reads the kept first-pass gradient; the others use it up: it runs first.
+    rules: tuple = (FriendlyMomentum(), LookSAMReuse(), GSAMUpdate())
     #: The options the direction takes (a subset of :attr:`options`).
     direction_options: tuple[str, ...] = ()
     #: Composer's trainer passes closures under fp16 only to optimizers that set this.
@@ -354,17 +355,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return bool(grads) and all(not bool(g.count_nonzero()) for g in grads)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True) -> None:
+    def first_step(self, zero_grad: bool = True, *, accumulate: bool = False) -> None:
         """Move the weights to ``w + e`` (the groups due at this step), keeping ``w`` for
         :meth:`restore`. With ``zero_grad`` (the default: the second backward must not add to
         them) the gradients are set to ``None`` and their memory may hold ``w + e``; otherwise
-        they hold ``e`` afterwards."""
+        they hold ``e`` afterwards. ``accumulate``: this is a later micro-batch of the step (each
+        is perturbed by its own gradient): the first-pass gradient that rules step with
+        (:mod:`zsharp_algos.rules`) is the sum of the micro-batches'."""
         if self.engine.perturbed:
             raise RuntimeError(
                 "first_step() called twice without second_step() or restore() in between: finish the step first"
             )
         step = self._coming_step()
-        self._keep_first_gradients(step, accumulate=self._first_step_done)
+        self._keep_first_gradients(step, accumulate=accumulate)
         self.engine.perturb(step, free_grads=zero_grad)
         self._first_step_done = True
         if zero_grad:
@@ -405,16 +408,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ``max_grad_norm``), counted in :attr:`step_count`."""
         if self.engine.perturbed:
             raise RuntimeError("base_step() while the weights are perturbed: restore() first")
-        self._apply_rules(self._coming_step(), perturbed=self._first_step_done)
+        state = OwnState(self.state)
+        self._apply_rules(self._coming_step(), self._first_step_done, state)
         self._first_step_done = False
         self.step_count += 1
         self.stats.end_step()
         if self.max_grad_norm is not None:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
-        self.base_optimizer.step()
+        with state.hidden():
+            self.base_optimizer.step()
 
-    def _apply_rules(self, step: int, perturbed: bool) -> None:
+    def _apply_rules(self, step: int, perturbed: bool, state: OwnState) -> None:
         """Each rule (:mod:`zsharp_algos.rules`) on its groups: after the sharpness step where
         the group was perturbed, on the plain step otherwise."""
         for rule in self.rules:
@@ -423,10 +428,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 continue
             sharp = [g for g in groups if perturbed and group_due(g, step)]
             if sharp:
-                rule.after_sharpness_step(sharp, self.state, self.first_gradients)
+                rule.after_sharpness_step(sharp, state, self.first_gradients)
             plain = [g for g in groups if not any(g is s for s in sharp)]
             if plain:
-                rule.plain_step(plain, self.state)
+                rule.plain_step(plain, state)
 
     # ------------------------------------------------------------------ plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -11,6 +11,9 @@ may change that gradient right before the base step, using the first pass's grad
   orthogonal to ``g``, ``g_v = g_s - (<g, g_s> / ||g||^2) g``, and steps with ``g_s``; on a plain
   step it steps with ``g + reuse_alpha * ||g|| / ||g_v|| * g_v`` (one forward/backward pass, a
   few multi-tensor kernels), and with ``g`` before the first sharpness step.
+* **FriendlySAM's momentum** (Li et al., CVPR 2024), ``variant="friendly"``: after a sharpness
+  step, ``m <- lmbda m + (1 - lmbda) g`` (``m = g`` the first time), the EMA its direction
+  ``g - sigma m`` reads (:mod:`zsharp_algos.variants`); plain steps leave ``m`` alone.
 * **GSAM** (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization"),
   ``variant="gsam"``: on a sharpness step it steps with ``g_s - alpha * g_perp``, where
   ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s`` is the part of ``g`` orthogonal to ``g_s``; plain
@@ -25,28 +28,70 @@ three multi-tensor norms (a per-tensor dot product would be one kernel per tenso
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ._tensors import group_by_device_dtype
-from .options import OPTIONS
+from .options import KEY_PREFIX, OPTIONS
 from .order_stats import reads_host
 from .placement import WorkBuffer
 from .sharding import Shards, local, shards_of
 
 __all__ = [
-    "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "LookSAMReuse", "GSAMUpdate", "REUSE_KEY",
+    "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "FriendlyMomentum", "LookSAMReuse", "GSAMUpdate",
+    "REUSE_KEY", "FRIENDLY_KEY",
 ]
 
 REUSE, REUSE_ALPHA = OPTIONS["reuse"].key, OPTIONS["reuse_alpha"].key
-VARIANT, ALPHA = OPTIONS["variant"].key, OPTIONS["alpha"].key
+VARIANT, ALPHA, LMBDA = OPTIONS["variant"].key, OPTIONS["alpha"].key, OPTIONS["lmbda"].key
+#: The optimizer-state key of FriendlySAM's ``m`` (shaped and sharded as the parameter).
+FRIENDLY_KEY = "sharpness_friendly_m"
 #: The optimizer-state key of LookSAM's ``g_v`` (one tensor per parameter, shaped and sharded as it).
 REUSE_KEY = "sharpness_looksam_gv"
 
 
 # --------------------------------------------------------------------------- shared pieces
+class OwnState:
+    """The optimizer's ``state`` as the rules see it at one base step: entries of their own
+    (``sharpness_*`` keys) beside the base optimizer's. Torch's optimizers create their state
+    lazily, when a parameter's entry is empty (Adam's ``exp_avg``): an entry of ours made
+    before the base optimizer's first step must stay out of its sight for that step
+    (:meth:`hidden`)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self._created: list[Tensor] = []
+
+    def __getitem__(self, param: Tensor) -> dict:
+        return self.state[param]
+
+    def create(self, param: Tensor, key: str) -> Tensor:
+        """A zero entry ``key`` for ``param``, shaped (and sharded) as it; its local tensor."""
+        self.state[param][key] = torch.zeros_like(param)
+        self._created.append(param)
+        return local(self.state[param][key])
+
+    @contextmanager
+    def hidden(self):
+        """Within the block, the entries of ours on parameters the base optimizer has no
+        state for are taken out (put back after)."""
+        aside = {}
+        for p in self._created:
+            entry = self.state[p]
+            if all(k.startswith(KEY_PREFIX) for k in entry):
+                aside[p] = dict(entry)
+                entry.clear()
+        try:
+            yield
+        finally:
+            for p, mine in aside.items():
+                self.state[p].update(mine)
+            self._created = []
+
+
 class FirstPassGradients:
     """The first pass's gradient ``g``, kept from the perturbation to the base step (the
     direction overwrites ``.grad``): one flat buffer per device and dtype, allocated once, a view
@@ -129,6 +174,39 @@ def _scale(tensors: Sequence[Tensor], coef: Tensor) -> None:
         torch._foreach_mul_(ts, coef.to(ts[0].device))
 
 
+# --------------------------------------------------------------------------- FriendlySAM
+class FriendlyMomentum:
+    """FriendlySAM's ``m`` update (module doc). Reads the kept ``g`` and leaves it for the rules
+    after it. Applies to the param groups with ``variant="friendly"``."""
+
+    keeps_first_gradient = True
+
+    @staticmethod
+    def applies(group: dict) -> bool:
+        return group.get(VARIANT) == "friendly"  # the core SharpnessAwareOptimizer has no variant
+
+    @torch.no_grad()
+    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
+        tensors = [(p, g[LMBDA]) for g in groups for p in g["params"] if p.grad is not None]
+        g = kept.of([local(p) for p, _ in tensors])
+        if g is None:  # not perturbed this step
+            return
+        fresh = [i for i, (p, _) in enumerate(tensors) if FRIENDLY_KEY not in state[p]]
+        new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]  # a tensor's first sharpness step: m = g
+        for _, (ms, gs) in group_by_device_dtype(new, [g[i] for i in fresh]):
+            torch._foreach_copy_(ms, gs)
+        old = [i for i in range(len(tensors)) if i not in set(fresh)]
+        for lmbda in sorted({tensors[i][1] for i in old}):  # groups may decay m differently
+            mine = [i for i in old if tensors[i][1] == lmbda]
+            ms = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in mine]
+            for _, (m, gs) in group_by_device_dtype(ms, [g[i] for i in mine]):
+                torch._foreach_mul_(m, lmbda)
+                torch._foreach_add_(m, gs, alpha=1 - lmbda)
+
+    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
+        """Plain steps leave ``m`` alone."""
+
+
 # --------------------------------------------------------------------------- LookSAM
 class LookSAMReuse:
     """LookSAM's reuse of the sharpness gradient's orthogonal part (module doc). Applies to the
@@ -155,10 +233,7 @@ class LookSAMReuse:
         g = kept.of([local(p) for p in params])
         if g is None:  # not perturbed this step (no gradient at the first pass)
             return
-        for p in params:
-            if REUSE_KEY not in state[p]:
-                state[p][REUSE_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        v = [local(state[p][REUSE_KEY]) for p in params]
+        v = [local(state[p][REUSE_KEY]) if REUSE_KEY in state[p] else state.create(p, REUSE_KEY) for p in params]
         g_s = [local(p.grad) for p in params]
         _, gg, dot = decompose(g_s, g, into=v, shards=shards)  # v <- g_s - g
         projection = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))

@@ -167,7 +167,8 @@ def _two_passes(optimizer, run_pass, model, params, no_sync, scaler, sharded):
             overflow = scaled and bool(first_grads) and _unscale_and_check(first_grads, scaler, sharded)
             if not overflow:
                 # The first pass's gradient is dead once e is formed: its memory may hold w + e.
-                optimizer.first_step(zero_grad=True)
+                # Earlier micro-batches of this step left gradients: this one's g adds to theirs.
+                optimizer.first_step(zero_grad=True, accumulate=any(g is not None for g in held))
         finally:
             for p, g in zip(params, held):
                 p.grad = g

@@ -22,8 +22,10 @@ A variant changes one or both ends of the sharpness step:
 * FriendlySAM: ``m`` is an exponential moving average of past first-pass gradients, updated
   after the direction is formed, ``m <- lmbda m + (1 - lmbda) g``, with the raw ``g``; on a
   tensor's first sharpness step ``m = g`` and ``d = g`` (the authors' code). ``m`` lives in the
-  optimizer state (``sharpness_friendly_m``), shaped and sharded as the parameter, and is
-  updated on sharpness steps only.
+  optimizer state (``sharpness_friendly_m``), shaped and sharded as the parameter. The transform
+  only reads it; the update is a rule (:class:`zsharp_algos.rules.FriendlyMomentum`) run with the
+  base step, from the first pass's gradient kept through the step, so that a step skipped after
+  the perturbation (an fp16 overflow in the second pass) leaves ``m`` exactly as it was.
 * GSAM: ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s``, the part of the first gradient orthogonal to
   the second (inner products over all tensors of the ``gsam`` groups); its rho schedule tied to
   the learning rate is the user's (``rho`` is a param-group option).
@@ -49,13 +51,13 @@ from torch import Tensor
 
 from ._tensors import group_by_device_dtype
 from .options import OPTIONS
+from .rules import FRIENDLY_KEY
 from .sharding import local
 
 __all__ = ["VARIANTS", "Variant", "Transform", "FriendlyTransform", "CentredTransform", "StateView",
-           "transform_for", "first_pass_state", "check_combination", "FRIENDLY_KEY"]
+           "transform_for", "first_pass_state", "check_combination"]
 
 VARIANT, REUSE = OPTIONS["variant"].key, OPTIONS["reuse"].key
-FRIENDLY_KEY = "sharpness_friendly_m"
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,6 @@ class StateView:
         """Each tensor's ``key`` entry as this process holds it (None where absent)."""
         return [None if key not in self.state[p] else local(self.state[p][key]) for p in self.originals]
 
-    def create(self, key: str, index: Sequence[int]) -> list[Tensor]:
-        """New zero entries ``key`` for the tensors at ``index``, shaped (and sharded) as the
-        parameters; returns their local tensors."""
-        for i in index:
-            self.state[self.originals[i]][key] = torch.zeros_like(self.originals[i])
-        return [local(self.state[self.originals[i]][key]) for i in index]
-
 
 class Transform:
     """Rewrites ``g`` into the direction, in place, before the direction's scaling."""
@@ -125,26 +120,17 @@ class Transform:
 
 
 class FriendlyTransform(Transform):
-    """``d = g - sigma * m``, then ``m <- lmbda * m + (1 - lmbda) * g`` (module doc), in three
-    multi-tensor kernels and no scratch: with ``g = d + sigma * m``, the new ``m`` is
-    ``(lmbda + (1 - lmbda) sigma) m + (1 - lmbda) d``."""
+    """``d = g - sigma * m`` where ``m`` exists (module doc; before a tensor's first sharpness
+    step, ``d = g``): one multi-tensor kernel. ``m`` is updated by the rule, after the step."""
 
-    def __init__(self, sigma: float, lmbda: float):
-        self.sigma, self.lmbda = sigma, lmbda
+    def __init__(self, sigma: float):
+        self.sigma = sigma
 
     def __call__(self, params, grads, state):
         ms = state.get(FRIENDLY_KEY)
-        fresh = [i for i, m in enumerate(ms) if m is None]
-        if fresh:  # the first sharpness step of these tensors: m = g, d = g
-            for _, (new, gs) in group_by_device_dtype(state.create(FRIENDLY_KEY, fresh), [grads[i] for i in fresh]):
-                torch._foreach_copy_(new, gs)
         old = [i for i, m in enumerate(ms) if m is not None]
-        if not old:
-            return
         for _, (gs, m) in group_by_device_dtype([grads[i] for i in old], [ms[i] for i in old]):
             torch._foreach_add_(gs, m, alpha=-self.sigma)
-            torch._foreach_mul_(m, self.lmbda + (1 - self.lmbda) * self.sigma)
-            torch._foreach_add_(m, gs, alpha=1 - self.lmbda)
 
 
 class CentredTransform(Transform):
@@ -161,7 +147,7 @@ class CentredTransform(Transform):
 def transform_for(variant: str, sigma: float = 1.0, lmbda: float = 0.9) -> Transform | None:
     """The transform of ``variant`` (None where the direction takes ``g`` as it is)."""
     if variant == "friendly":
-        return FriendlyTransform(sigma, lmbda)
+        return FriendlyTransform(sigma)
     if variant == "gcsam":
         return CentredTransform()
     return None
