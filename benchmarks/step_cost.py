@@ -29,7 +29,7 @@ from torch import nn
 from common import base_parser, interleaved_medians, machine, memory_of, print_table, setup, write_json
 from peers import ComposerSAM, LoopSAM, Ours, QuantileZSharp, optimizer_only_unit
 
-from zsharp_algos import SAM, ZSharp
+from zsharp_algos import GCSAM, GSAM, SAM, FriendlySAM, ZSharp
 
 MODELS = {  # timm kwargs; "input": image side
     "resnet18": dict(name="resnet18", input=32),
@@ -47,7 +47,17 @@ STEP_METHODS = {
     "zsharp_k2": dict(cls=ZSharp, interval=2),
     "zsharp_k5": dict(cls=ZSharp, interval=5),
     "zsharp_k10": dict(cls=ZSharp, interval=10),
+    "friendlysam": dict(cls=FriendlySAM),
+    "gsam": dict(cls=GSAM),
+    "gcsam": dict(cls=GCSAM),
+    **{f"zsharp_looksam_k{k}": dict(cls=ZSharp, interval=k, reuse="looksam") for k in (2, 5, 10)},
+    # random intervals: a unit of 4 intervals' steps; the share of sharpness steps actually
+    # timed is recorded next to the time
+    **{f"zsharp_random_k{k}": dict(cls=ZSharp, interval=k, interval_mode="random", cycles=4) for k in (2, 5, 10)},
 }
+#: What runs without --methods: the cheaper-sharpness rows are a run of their own (--methods efficient).
+DEFAULT_METHODS = [m for m in STEP_METHODS if "looksam" not in m and "random" not in m]
+EFFICIENT_METHODS = ["sgd", "zsharp"] + [m for m in STEP_METHODS if "looksam" in m or "random" in m]
 
 
 def build(spec, device):
@@ -61,7 +71,8 @@ def build(spec, device):
 
 def step_units(base_model, side, device, methods, batch):
     """One timed unit per method: a whole interval cycle of ``opt.step(closure)`` (so its mean
-    per step is the cost), on its own copy of the model."""
+    per step is the cost), on its own copy of the model. Each unit counts its steps and
+    forward/backward passes in ``unit.counts``."""
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     units = {}
@@ -73,20 +84,25 @@ def step_units(base_model, side, device, methods, batch):
             opt, k = sgd, 1
         else:
             spec = dict(spec)
+            cycles = spec.pop("cycles", 1)
             opt = spec.pop("cls")(sgd, rho=0.05, model=model, **spec)
-            k = spec.get("interval", 1)  # one unit is a whole cycle: k - 1 plain steps and a sharpness step
+            k = spec.get("interval", 1) * cycles  # whole cycles: k - 1 plain steps and a sharpness step each
+        counts = {"steps": 0, "passes": 0}
 
-        def closure(model=model, opt=opt):
+        def closure(model=model, opt=opt, counts=counts):
+            counts["passes"] += 1
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             return loss
 
-        def unit(opt=opt, closure=closure, k=k):
+        def unit(opt=opt, closure=closure, k=k, counts=counts):
             for _ in range(k):
                 opt.step(closure)
+            counts["steps"] += k
             return k
 
+        unit.counts = counts
         units[name] = unit
     return units
 
@@ -149,7 +165,9 @@ def main():
     parser = base_parser(__doc__)
     parser.add_argument("--models", default=DEFAULT_MODELS,
                         help=f"comma-separated MODEL or MODEL@BATCH, of {', '.join(MODELS)}")
-    parser.add_argument("--methods", default=",".join(STEP_METHODS), help="comma-separated full-step methods")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated full-step methods of {', '.join(STEP_METHODS)}; or 'efficient': "
+                        f"{', '.join(EFFICIENT_METHODS)}")
     parser.add_argument("--batch", type=int, default=64, help="batch size of entries without @BATCH")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -163,7 +181,7 @@ def main():
     started = time.perf_counter()
     device = setup(args)
     results = {"machine": machine(device), "settings": vars(args), "models": {}}
-    methods = args.methods.split(",")
+    methods = EFFICIENT_METHODS if args.methods == "efficient" else args.methods.split(",")
     entries = parse_entries(args.models, args.batch)
     unknown = set(methods) - set(STEP_METHODS) or {m for _, m, _ in entries} - set(MODELS)
     if unknown:
@@ -183,12 +201,14 @@ def main():
         memory = step_memory(units, device, param_bytes) if args.memory else {}
         faults: dict[str, float] = {}
         steps = interleaved_medians(units, args.rounds, args.warmup, device, faults)
+        passes = {m: u.counts["passes"] / max(1, u.counts["steps"]) for m, u in units.items()}
         del units
         if model_name not in opt_only_of:
             opt_only_of[model_name] = optimizer_only(model, device, methods, args.rounds, args.warmup)
         opt_only, failures = opt_only_of[model_name]
         results["models"][key] = {"model": model_name, "batch": batch, "input": MODELS[model_name]["input"],
-                                  "params": n_params, "step_s": steps, "minor_faults_per_step": faults,
+                                  "params": n_params, "step_s": steps, "passes_per_step": passes,
+                                  "minor_faults_per_step": faults,
                                   "memory": memory, "optimizer_only_s": opt_only, "failures": failures}
         del model
         if device.type == "cuda":
@@ -206,6 +226,12 @@ def main():
         for k in (2, 5, 10):
             if f"zsharp_k{k}" in steps and "sgd" in steps:
                 print(f"  interval {k}: {steps[f'zsharp_k{k}'] / steps['sgd']:.3f} x SGD (1 + 1/k = {1 + 1 / k:.3f})")
+        if "sgd" in steps and "zsharp" in steps:  # the cheaper modes against 1 + (ZSharp/SGD - 1) * share
+            extra = steps["zsharp"] / steps["sgd"] - 1
+            for m in [m for m in steps if "looksam" in m or "random" in m]:
+                share = passes[m] - 1  # sharpness steps per step, as timed
+                print(f"  {m}: {steps[m] / steps['sgd']:.3f} x SGD, {passes[m]:.3f} passes a step; "
+                      f"1 + (ZSharp/SGD - 1) x {share:.3f} = {1 + extra * share:.3f}")
         print_table(f"{key}: optimizer-only (first + second step, base SGD included)", ["implementation", "ms"],
                     [[m, t * 1e3] for m, t in opt_only.items()] + [[m, f"FAILED ({e})"] for m, e in failures.items()])
         write_json(args.out, name, results)  # after every entry: a run cut short keeps the finished ones

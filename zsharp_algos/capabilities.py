@@ -19,6 +19,7 @@ __all__ = ["EntryPoint", "ENTRY_POINTS", "NEEDS_TWO_PASSES", "entry_point"]
 #: pass's gradient and the second's together.
 NEEDS_TWO_PASSES: dict[str, tuple[Any, ...]] = {
     "reuse": ("looksam",),
+    "variant": ("friendly", "gsam"),  # their rules run with the base step, from the kept first pass
 }
 
 
@@ -43,14 +44,12 @@ class EntryPoint:
     precision: str
     refuses: tuple[str, ...] = ()
 
-    def check_options(self, owner: str, optimizer: str, options: Mapping[str, Any], needs_two_passes=False) -> None:
-        """Raise ``ValueError`` naming the way out if ``options`` (or the optimizer itself,
-        ``needs_two_passes``) need what this entry point lacks."""
+    def check_options(self, owner: str, options: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the way out if ``options`` (every option of the optimizer,
+        those its class fixes included) need what this entry point lacks."""
         if self.passes >= 2:
             return
         wanted = [f"{k}={v!r}" for k, v in options.items() if v in NEEDS_TWO_PASSES.get(k, ())]
-        if needs_two_passes:
-            wanted.insert(0, optimizer)
         if wanted:
             raise ValueError(
                 f"{owner} runs one forward/backward pass a step (along the previous step's gradient), and "
@@ -82,7 +81,8 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
             "hf-callback", "Hugging Face single-pass callbacks (SAMCallback, ZSharpCallback)", 1,
             "one process, DDP", "fp32, --bf16, --fp16",
             ("any FSDP (use --optim with the two-pass Trainer)", "DeepSpeed",
-             "options that step with both passes (reuse='looksam')", "the two-pass Trainer's --optim at the same time"),
+             "what steps with both passes' gradients: reuse='looksam', FriendlySAM, GSAM",
+             "the two-pass Trainer's --optim at the same time"),
         ),
         EntryPoint(
             "accelerate", "accelerate loops (TwoPassBackward)", 2,

@@ -547,12 +547,13 @@ def _kind(class_name: str) -> str:
 
 
 def _refuse_other_variants_options(given: dict, variant: str | None, owner: str) -> None:
-    """A variant's hyper-parameter given without that variant would change nothing: refuse it."""
+    """A variant's hyper-parameter set (away from its default) without that variant would change
+    nothing: refuse it."""
     if variant is None:
         return
-    for name in given:
+    for name, value in given.items():
         takers = [v.name for v in VARIANTS.values() if name in v.options]
-        if takers and variant not in takers:
+        if takers and variant not in takers and value != OPTIONS[name].default:
             raise TypeError(
                 f"{owner}: {name} is the option of variant={takers[0]!r}, and this optimizer's variant is {variant!r}; "
                 f"pass variant={takers[0]!r} too, or drop {name}"

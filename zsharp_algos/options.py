@@ -385,9 +385,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def cli_values(args: Any, allowed: Iterable[Option]) -> dict[str, Any]:
-    """The values of ``allowed`` options on a parsed ``argparse`` namespace (checked)."""
+    """The values of ``allowed`` options on a parsed ``argparse`` namespace (checked; an option
+    the optimizer fixes, FriendlySAM's ``variant``, is not taken from the flags)."""
     allowed = tuple(allowed)
-    return check_options({o.name: getattr(args, o.name) for o in allowed if hasattr(args, o.name)}, allowed, "flags")
+    values = {o.name: getattr(args, o.name) for o in allowed if o.keyword and hasattr(args, o.name)}
+    return check_options(values, allowed, "flags")
 
 
 class TakesOptions:

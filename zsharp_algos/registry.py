@@ -51,7 +51,8 @@ class OptimizerInfo:
 
     @property
     def option_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.cls.options)
+        """The options it takes as keywords (not those its class fixes: FriendlySAM's variant)."""
+        return tuple(o.name for o in self.cls.options if o.keyword)
 
     def accepts(self, option: str) -> bool:
         return option in self.option_names

@@ -48,11 +48,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from zsharp_algos.demo import build_model, load_data
-from zsharp_algos.lightning import SAMCallback, ZSharpCallback
+from zsharp_algos.lightning import CALLBACKS
 from zsharp_algos.options import DefaultsHelpFormatter, add_cli_options, cli_values
 from zsharp_algos.registry import BASE_OPTIMIZERS, base_kwargs, create_optimizer, optimizer_info
 
-CALLBACKS = {"sam": SAMCallback, "zsharp": ZSharpCallback}
 OPTIMIZERS = ("sgd",) + tuple(CALLBACKS)
 #: ``--paper``: the ZSharp paper's official code's settings.
 PAPER = dict(optim="zsharp", base_optim="adam", lr=1e-3, weight_decay=0.0, rho=0.05, percentile=95.0, scope="tensor")

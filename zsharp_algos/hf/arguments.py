@@ -92,7 +92,7 @@ _register_refusals()
 #: The option fields these arguments add (the ones every registered optimizer may take).
 SHARPNESS_FIELDS = (
     "rho", "percentile", "scope", "interval", "adaptive", "perturb_eps", "interval_mode", "interval_seed", "reuse",
-    "reuse_alpha",
+    "reuse_alpha", "variant", "sigma", "lmbda", "alpha",
 )
 DEFAULT_OPTIM = getattr(HFTrainingArguments, "default_optim", "adamw_torch")  # transformers' own default
 
@@ -236,6 +236,12 @@ class SharpnessArgumentsMixin:
     interval_seed: int = field(default=OPTIONS["interval_seed"].default, metadata={"help": _help("interval_seed")})
     reuse: Literal["none", "looksam"] = field(default=OPTIONS["reuse"].default, metadata={"help": _help("reuse")})
     reuse_alpha: float = field(default=OPTIONS["reuse_alpha"].default, metadata={"help": _help("reuse_alpha")})
+    variant: Literal["none", "friendly", "gsam", "gcsam"] = field(
+        default=OPTIONS["variant"].default, metadata={"help": _help("variant")}
+    )
+    sigma: float = field(default=OPTIONS["sigma"].default, metadata={"help": _help("sigma")})
+    lmbda: float = field(default=OPTIONS["lmbda"].default, metadata={"help": _help("lmbda")})
+    alpha: float = field(default=OPTIONS["alpha"].default, metadata={"help": _help("alpha")})
 
     def __post_init__(self):
         optim = _optimizer_name(self.optim, SharpnessOptimizerNames, "--optim")

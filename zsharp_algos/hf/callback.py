@@ -67,7 +67,7 @@ class SharpnessCallback(TrainerCallback):
         self.info = optimizer_info(optimizer)
         given = check_sharpness_hparams(self.info.name, **hparams)
         self.hparams = {**{o.name: o.default for o in self.info.options}, **given}
-        entry_point("hf-callback").check_options(type(self).__name__, self.info.name, self.hparams)
+        entry_point("hf-callback").check_options(type(self).__name__, self.hparams)
         self.engine: PerturbationEngine | None = None  # over the Trainer's base optimizer
         self._params: list[Tensor] = []
         self._grads: dict[Tensor, Tensor] = {}  # the kept gradient, one buffer per parameter

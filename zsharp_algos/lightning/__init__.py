@@ -20,18 +20,35 @@ from .._optional import require
 
 require("lightning", "lightning", "zsharp_algos.lightning")
 
-from .callback import SAMCallback, SharpnessAwareCallback, ZSharpCallback  # noqa: E402
+from .callback import (  # noqa: E402
+    FriendlySAMCallback,
+    GCSAMCallback,
+    GSAMCallback,
+    SAMCallback,
+    SharpnessAwareCallback,
+    ZSharpCallback,
+)
 from .driver import SharpnessAwareDriver, check_supported  # noqa: E402
 from .optimizer import LightningSAM, LightningZSharp  # noqa: E402
+
+#: The callback for each name of zsharp_algos.registry (what a script's --optim picks).
+CALLBACKS = {
+    "sam": SAMCallback, "zsharp": ZSharpCallback, "friendlysam": FriendlySAMCallback, "gsam": GSAMCallback,
+    "gcsam": GCSAMCallback,
+}
 from .scaler import LightningClosureScaler  # noqa: E402
 
 __all__ = [
     "SAMCallback",
     "ZSharpCallback",
+    "FriendlySAMCallback",
+    "GSAMCallback",
+    "GCSAMCallback",
     "SharpnessAwareCallback",
     "LightningSAM",
     "LightningZSharp",
     "LightningClosureScaler",
     "SharpnessAwareDriver",
     "check_supported",
+    "CALLBACKS",
 ]

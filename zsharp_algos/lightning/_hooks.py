@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..optimizer import SAM, SharpnessAwareOptimizer, ZSharp
+from ..optimizer import GCSAM, GSAM, SAM, FriendlySAM, SharpnessAwareOptimizer, ZSharp
 from ..options import TakesOptions
 from .driver import GlobalStep, SharpnessAwareDriver, check_supported
 
-__all__ = ["SharpnessAwareHooks", "SAMHooks", "ZSharpHooks"]
+__all__ = ["SharpnessAwareHooks", "SAMHooks", "ZSharpHooks", "FriendlySAMHooks", "GSAMHooks", "GCSAMHooks"]
 
 
 class SharpnessAwareHooks:
@@ -120,3 +120,21 @@ class ZSharpHooks(_WrappingHooks):
     :class:`zsharp_algos.lightning.ZSharpCallback`)."""
 
     optimizer_cls = ZSharp
+
+
+class FriendlySAMHooks(_WrappingHooks):
+    """Wraps the trainer's optimizer in :class:`zsharp_algos.FriendlySAM`."""
+
+    optimizer_cls = FriendlySAM
+
+
+class GSAMHooks(_WrappingHooks):
+    """Wraps the trainer's optimizer in :class:`zsharp_algos.GSAM`."""
+
+    optimizer_cls = GSAM
+
+
+class GCSAMHooks(_WrappingHooks):
+    """Wraps the trainer's optimizer in :class:`zsharp_algos.GCSAM`."""
+
+    optimizer_cls = GCSAM

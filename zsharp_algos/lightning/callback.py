@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from ._hooks import SAMHooks, SharpnessAwareHooks, ZSharpHooks
+from ._hooks import FriendlySAMHooks, GCSAMHooks, GSAMHooks, SAMHooks, SharpnessAwareHooks, ZSharpHooks
 
-__all__ = ["SharpnessAwareCallback", "SAMCallback", "ZSharpCallback"]
+__all__ = [
+    "SharpnessAwareCallback", "SAMCallback", "ZSharpCallback", "FriendlySAMCallback", "GSAMCallback", "GCSAMCallback",
+]
 
 _HOW = """
     How a step runs (:mod:`zsharp_algos.lightning.driver`): Lightning's own closure
@@ -115,3 +117,27 @@ class ZSharpCallback(ZSharpHooks, SharpnessAwareCallback):
         + _ARGS
         + _HOW
     )
+
+
+_VARIANT = """{name} for an unchanged LightningModule: at fit start the optimizer
+    ``configure_optimizers`` returned becomes the base of a :class:`zsharp_algos.{name}`
+    ({what}); it runs as :class:`SAMCallback` does, with the same arguments plus {own}.
+
+    ``SAMCallback(variant=...)`` and ``ZSharpCallback(variant=...)`` give the same variants, the
+    second with ZSharp's filter over the variant's direction.
+"""
+
+
+class FriendlySAMCallback(FriendlySAMHooks, SharpnessAwareCallback):
+    __doc__ = _VARIANT.format(name="FriendlySAM", what="SAM along g - sigma * m, m an EMA of past gradients",
+                              own="``sigma`` (1.0) and ``lmbda`` (0.9)")
+
+
+class GSAMCallback(GSAMHooks, SharpnessAwareCallback):
+    __doc__ = _VARIANT.format(name="GSAM", what="SAM's perturbation, a step with g_s - alpha * g_perp",
+                              own="``alpha`` (0.2)")
+
+
+class GCSAMCallback(GCSAMHooks, SharpnessAwareCallback):
+    __doc__ = _VARIANT.format(name="GCSAM", what="SAM along the gradient centred per output channel",
+                              own="nothing")

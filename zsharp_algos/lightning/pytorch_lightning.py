@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from .._optional import require
 from . import callback as _lightning_callbacks
-from ._hooks import SAMHooks, SharpnessAwareHooks, ZSharpHooks
+from ._hooks import FriendlySAMHooks, GCSAMHooks, GSAMHooks, SAMHooks, SharpnessAwareHooks, ZSharpHooks
 
 Callback = require("pytorch_lightning", "lightning", "zsharp_algos.lightning.pytorch_lightning").Callback
 
-__all__ = ["SharpnessAwareCallback", "SAMCallback", "ZSharpCallback"]
+__all__ = [
+    "SharpnessAwareCallback", "SAMCallback", "ZSharpCallback", "FriendlySAMCallback", "GSAMCallback", "GCSAMCallback",
+]
 
 
 class SharpnessAwareCallback(SharpnessAwareHooks, Callback):
@@ -26,3 +28,15 @@ class SAMCallback(SAMHooks, SharpnessAwareCallback):
 
 class ZSharpCallback(ZSharpHooks, SharpnessAwareCallback):
     __doc__ = _lightning_callbacks.ZSharpCallback.__doc__
+
+
+class FriendlySAMCallback(FriendlySAMHooks, SharpnessAwareCallback):
+    __doc__ = _lightning_callbacks.FriendlySAMCallback.__doc__
+
+
+class GSAMCallback(GSAMHooks, SharpnessAwareCallback):
+    __doc__ = _lightning_callbacks.GSAMCallback.__doc__
+
+
+class GCSAMCallback(GCSAMHooks, SharpnessAwareCallback):
+    __doc__ = _lightning_callbacks.GCSAMCallback.__doc__
