@@ -17,7 +17,8 @@ from zsharp_algos import SAM, ZSharp, create_optimizer
 from zsharp_algos.rules import REUSE_KEY
 from zsharp_algos.schedule import sharpness_due, uniform
 
-from reference import sam_perturbation, zsharp_global_perturbation
+from reference import sam_perturbation, sharpness_step, zsharp_global_perturbation
+from test_optimizer import closure_for
 
 LR, RHO, ALPHA = 0.1, 0.05, 0.7
 
@@ -78,26 +79,26 @@ def reference_run(steps, due, perturbation, reuse=True):
     return history
 
 
-def run_ours(opt_factory, steps, start=0, model=None, opt=None):
-    model = model if model is not None else tiny()
-    opt = opt if opt is not None else opt_factory(model)
+def run_steps(opt, model, steps, start=0, state_key=REUSE_KEY):
+    """Steps ``start`` to ``steps`` on the batches above: per step, the weights after it, the
+    optimizer state ``state_key`` of every parameter (None before it exists), and the gradient
+    the step used, read off the weights (plain SGD, no momentum)."""
     out = []
     for t in range(start, steps):
         x, y = batch(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
         before = [p.detach().clone() for p in model.parameters()]
-        opt.step(closure)
-        used = [(b - p.detach()) / LR for b, p in zip(before, model.parameters())]  # the step's gradient
-        state = [opt.state[p].get(REUSE_KEY) for p in model.parameters()]
+        opt.step(closure_for(model, opt, x, y))
+        used = [(b - p.detach()) / LR for b, p in zip(before, model.parameters())]
+        state = [opt.state[p].get(state_key) for p in model.parameters()]
         out.append(([p.detach().clone() for p in model.parameters()],
-                    None if state[0] is None else [s.clone() for s in state], used))
-    return out, model, opt
+                    None if state[0] is None else [None if s is None else s.clone() for s in state], used))
+    return out
+
+
+def run_ours(opt_factory, steps, start=0, model=None, opt=None):
+    model = model if model is not None else tiny()
+    opt = opt if opt is not None else opt_factory(model)
+    return run_steps(opt, model, steps, start), model, opt
 
 
 def assert_runs_equal(got, want, tol=1e-12):
@@ -143,19 +144,12 @@ def test_reuse_none_is_plain_steps_between_sharpness_steps():
 def test_plain_steps_cost_one_pass_and_g_v_is_orthogonal_to_g():
     model = tiny()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO, interval=4, reuse="looksam")
-    calls = []
+    passes = []
     for t in range(8):
-        x, y = batch(t)
-
-        def closure():
-            calls.append(t)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    assert [calls.count(t) for t in range(8)] == [1, 1, 1, 2, 1, 1, 1, 2]
+        calls = []
+        opt.step(closure_for(model, opt, *batch(t), calls))
+        passes.append(len(calls))
+    assert passes == [1, 1, 1, 2, 1, 1, 1, 2]
 
 
 def test_looksam_state_resumes_bitwise():
@@ -190,16 +184,7 @@ def test_looksam_options_are_checked_and_per_group():
     opt = create_optimizer("sam", [{"params": weights, "reuse": "looksam"}, {"params": biases}], lr=LR, interval=2)
     assert [g["sharpness_reuse"] for g in opt.param_groups] == ["looksam", "none"]
     assert opt.first_pass_must_sync and not SAM(tiny().parameters(), torch.optim.SGD, lr=LR).first_pass_must_sync
-    for t in range(4):
-        x, y = batch(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    run_steps(opt, model, 4)
     assert all(REUSE_KEY in opt.state[p] for p in weights) and not any(REUSE_KEY in opt.state[p] for p in biases)
 
 
@@ -243,16 +228,7 @@ def test_looksam_over_adam_leaves_adams_lazy_state_alone():
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     for t in range(3):
         x, y = batch(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(ours(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        from reference import sharpness_step
-
+        opt.step(closure_for(ours, opt, x, y))
         sharpness_step(ref, lambda m: nn.functional.cross_entropy(m(x), y), ref_opt,
                        lambda p, g: sam_perturbation(p, g, RHO), bn_frozen=False)
     for p, q in zip(ours.parameters(), ref.parameters()):

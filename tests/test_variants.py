@@ -16,15 +16,11 @@ from zsharp_algos import GCSAM, GSAM, SAM, ClosureGradScaler, FriendlySAM, ZShar
 from zsharp_algos.rules import FRIENDLY_KEY
 
 from reference import PaperFriendlySAM, centred, sam_perturbation, zsharp_global_perturbation
-from test_efficiency import batch, loss_at, tiny
+from test_efficiency import batch, flat, loss_at, run_steps, tiny
 from test_grad_scaler import scaled_closure
-from test_optimizer import batches, make_model
+from test_optimizer import batches, closure_for, make_model
 
 LR, RHO, SIGMA, LMBDA, ALPHA = 0.1, 0.05, 1.0, 0.9, 0.2
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
 
 
 def reference_run(steps, variant, filtered=False):
@@ -57,24 +53,9 @@ def reference_run(steps, variant, filtered=False):
     return out
 
 
-def run(opt, model, steps, start=0):
-    out = []
-    for t in range(start, steps):
-        x, y = batch(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        before = [p.detach().clone() for p in model.parameters()]
-        opt.step(closure)
-        used = [(b - p.detach()) / LR for b, p in zip(before, model.parameters())]
-        m = [opt.state[p].get(FRIENDLY_KEY) for p in model.parameters()]
-        out.append(([p.detach().clone() for p in model.parameters()], used,
-                    None if m[0] is None else [mi.clone() for mi in m]))
-    return out
+def run(opt, model, steps):
+    """Per step: the weights, the gradient stepped with, FriendlySAM's ``m`` (as reference_run)."""
+    return [(w, used, m) for w, m, used in run_steps(opt, model, steps, state_key=FRIENDLY_KEY)]
 
 
 def assert_same(got, want, tol=1e-11):
@@ -130,14 +111,7 @@ def test_friendlysam_steps_as_the_zsharp_papers_official_code(base):
     gen = torch.Generator().manual_seed(1)
     for _ in range(8):
         x, y = torch.randn(32, 10, generator=gen), torch.randint(0, 4, (32,), generator=gen)
-
-        def closure():
-            ours.zero_grad()
-            loss = nn.functional.cross_entropy(ours_model(x), y)
-            loss.backward()
-            return loss
-
-        ours.step(closure)
+        ours.step(closure_for(ours_model, ours, x, y))
         ref_model.zero_grad()
         nn.functional.cross_entropy(ref_model(x), y).backward()
         ref.first_step()
@@ -190,13 +164,7 @@ def test_resume_is_bitwise_and_manual_steps_equal_closure_steps(name):
     b = copy.deepcopy(a)
     opt_b = VARIANT_OPTS[name](b.parameters(), model=b, interval=2)
     for i, (x, y) in enumerate(data):
-        def closure():
-            opt_a.zero_grad()
-            loss = nn.functional.cross_entropy(a(x), y)
-            loss.backward()
-            return loss
-
-        opt_a.step(closure)
+        opt_a.step(closure_for(a, opt_a, x, y))
         if i == 2:  # checkpoint b halfway and continue it in fresh objects
             buffer = io.BytesIO()
             torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buffer)
@@ -227,13 +195,7 @@ def test_per_group_rho_and_state_only_where_perturbed():
     biases = [p for p in model.parameters() if p.dim() == 1]
     opt = FriendlySAM([{"params": weights}, {"params": biases, "rho": 0.0}], torch.optim.SGD, lr=0.1)
     for x, y in batches(2):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(closure_for(model, opt, x, y))
     assert all(FRIENDLY_KEY in opt.state[p] for p in weights) and not any(FRIENDLY_KEY in opt.state[p] for p in biases)
 
 

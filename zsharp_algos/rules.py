@@ -41,7 +41,8 @@ from .placement import WorkBuffer
 from .sharding import Shards, local, shards_of
 
 __all__ = [
-    "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "FriendlyMomentum", "LookSAMReuse", "GSAMUpdate",
+    "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "Rule", "FriendlyMomentum",
+    "LookSAMReuse", "GSAMUpdate",
     "REUSE_KEY", "FRIENDLY_KEY",
 ]
 
@@ -174,68 +175,88 @@ def _scale(tensors: Sequence[Tensor], coef: Tensor) -> None:
         torch._foreach_mul_(ts, coef.to(ts[0].device))
 
 
-# --------------------------------------------------------------------------- FriendlySAM
-class FriendlyMomentum:
+# --------------------------------------------------------------------------- the rules
+class Rule:
+    """An update rule: which param groups it applies to, and what it does after a sharpness step
+    (where those groups were perturbed) and on a plain step. Its per-group weight is the option
+    ``weight`` names (``reuse_alpha``, ``lmbda``, ``alpha``)."""
+
+    keeps_first_gradient = True  # every rule here steps with the first pass's gradient
+    weight: str = ""
+
+    @staticmethod
+    def applies(group: dict) -> bool:
+        raise NotImplementedError
+
+    def after_sharpness_step(self, groups: Sequence[dict], state: OwnState, kept: FirstPassGradients) -> None:
+        """Nothing, unless the rule says otherwise."""
+
+    def plain_step(self, groups: Sequence[dict], state: OwnState) -> None:
+        """Nothing, unless the rule says otherwise."""
+
+    def _weighted(self, groups: Sequence[dict]) -> list[tuple[Tensor, float]]:
+        """The groups' tensors that have a gradient, each with its group's weight."""
+        return [(p, g[self.weight]) for g in groups for p in g["params"] if p.grad is not None]
+
+    @staticmethod
+    def _by_weight(weighted: Sequence[tuple[Tensor, float]], index: Sequence[int] | None = None):
+        """``(weight, indices)`` for each weight among ``weighted`` (at ``index``): groups may
+        weigh differently, and each weight is a scalar of the multi-tensor kernels."""
+        index = range(len(weighted)) if index is None else index
+        for value in sorted({weighted[i][1] for i in index}):
+            yield value, [i for i in index if weighted[i][1] == value]
+
+
+class FriendlyMomentum(Rule):
     """FriendlySAM's ``m`` update (module doc). Reads the kept ``g`` and leaves it for the rules
     after it. Applies to the param groups with ``variant="friendly"``."""
 
-    keeps_first_gradient = True
+    weight = LMBDA
 
     @staticmethod
     def applies(group: dict) -> bool:
         return group.get(VARIANT) == "friendly"  # the core SharpnessAwareOptimizer has no variant
 
     @torch.no_grad()
-    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
-        tensors = [(p, g[LMBDA]) for g in groups for p in g["params"] if p.grad is not None]
+    def after_sharpness_step(self, groups, state, kept):
+        """``m <- lmbda m + (1 - lmbda) g`` (``m = g`` on a tensor's first sharpness step)."""
+        tensors = self._weighted(groups)
         g = kept.of([local(p) for p, _ in tensors])
         if g is None:  # not perturbed this step
             return
         fresh = [i for i, (p, _) in enumerate(tensors) if FRIENDLY_KEY not in state[p]]
-        new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]  # a tensor's first sharpness step: m = g
+        new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]
         for _, (ms, gs) in group_by_device_dtype(new, [g[i] for i in fresh]):
             torch._foreach_copy_(ms, gs)
         old = [i for i in range(len(tensors)) if i not in set(fresh)]
-        for lmbda in sorted({tensors[i][1] for i in old}):  # groups may decay m differently
-            mine = [i for i in old if tensors[i][1] == lmbda]
+        for lmbda, mine in self._by_weight(tensors, old):
             ms = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in mine]
             for _, (m, gs) in group_by_device_dtype(ms, [g[i] for i in mine]):
                 torch._foreach_mul_(m, lmbda)
                 torch._foreach_add_(m, gs, alpha=1 - lmbda)
 
-    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
-        """Plain steps leave ``m`` alone."""
 
-
-# --------------------------------------------------------------------------- LookSAM
-class LookSAMReuse:
+class LookSAMReuse(Rule):
     """LookSAM's reuse of the sharpness gradient's orthogonal part (module doc). Applies to the
     param groups with ``reuse="looksam"``; ``g_v`` lives in ``state[p][REUSE_KEY]``."""
 
-    keeps_first_gradient = True
+    weight = REUSE_ALPHA
 
     @staticmethod
     def applies(group: dict) -> bool:
         return group[REUSE] == "looksam"
 
-    @staticmethod
-    def _tensors(groups: Sequence[dict]) -> list[tuple[Tensor, float]]:
-        return [(p, g[REUSE_ALPHA]) for g in groups for p in g["params"] if p.grad is not None]
-
     @torch.no_grad()
-    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
+    def after_sharpness_step(self, groups, state, kept):
         """``g_v = g_s - (<g, g_s> / ||g||^2) g`` into the state, from ``.grad`` (``g_s``) and the
         kept ``g``, which is used up as scratch. ``.grad`` is left as it is."""
-        params = [p for p, _ in self._tensors(groups)]
-        if not params:
-            return
-        shards = shards_of(params)
+        params = [p for p, _ in self._weighted(groups)]
         g = kept.of([local(p) for p in params])
-        if g is None:  # not perturbed this step (no gradient at the first pass)
+        if not params or g is None:  # not perturbed this step (no gradient at the first pass)
             return
         v = [local(state[p][REUSE_KEY]) if REUSE_KEY in state[p] else state.create(p, REUSE_KEY) for p in params]
         g_s = [local(p.grad) for p in params]
-        _, gg, dot = decompose(g_s, g, into=v, shards=shards)  # v <- g_s - g
+        _, gg, dot = decompose(g_s, g, into=v, shards=shards_of(params))  # v <- g_s - g
         projection = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))
         _scale(g, 1 - projection)  # g <- (1 - <g, g_s>/||g||^2) g ...
         for _, (vs, gs) in group_by_device_dtype(v, g):
@@ -243,54 +264,44 @@ class LookSAMReuse:
         kept.clear()
 
     @torch.no_grad()
-    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
+    def plain_step(self, groups, state):
         """``g <- g + reuse_alpha * ||g|| / ||g_v|| * g_v`` in ``.grad``, for the tensors with a
         stored ``g_v`` (none before the first sharpness step: plain ``g``)."""
-        tensors = [(p, a) for p, a in self._tensors(groups) if REUSE_KEY in state[p]]
+        tensors = [(p, a) for p, a in self._weighted(groups) if REUSE_KEY in state[p]]
         if not tensors:
             return
         params = [p for p, _ in tensors]
-        shards = shards_of(params)
         g = [local(p.grad) for p in params]
         v = [local(state[p][REUSE_KEY]) for p in params]
-        gg, vv = squared_norms(g, v, shards=shards).unbind()
+        gg, vv = squared_norms(g, v, shards=shards_of(params)).unbind()
         ratio = torch.where(vv > 0, (gg / vv).sqrt(), torch.zeros_like(gg))  # g_v = 0: nothing to add
-        alphas = sorted({a for _, a in tensors})
-        for alpha in alphas:  # groups may weigh the reused part differently
-            mine = [i for i, (_, a) in enumerate(tensors) if a == alpha]
+        for alpha, mine in self._by_weight(tensors):
             add_scaled([g[i] for i in mine], [v[i] for i in mine], alpha * ratio)
 
 
-# --------------------------------------------------------------------------- GSAM
-class GSAMUpdate:
+class GSAMUpdate(Rule):
     """GSAM's step (module doc). Applies to the param groups with ``variant="gsam"``."""
 
-    keeps_first_gradient = True
+    weight = ALPHA
 
     @staticmethod
     def applies(group: dict) -> bool:
         return group.get(VARIANT) == "gsam"  # the core SharpnessAwareOptimizer has no variant
 
     @torch.no_grad()
-    def after_sharpness_step(self, groups: Sequence[dict], state: dict, kept: FirstPassGradients) -> None:
+    def after_sharpness_step(self, groups, state, kept):
         """``.grad <- g_s - alpha * g_perp`` from ``.grad`` (``g_s``) and the kept ``g``, which is
         used up as scratch."""
-        tensors = [(p, g[ALPHA]) for g in groups for p in g["params"] if p.grad is not None]
+        tensors = self._weighted(groups)
         params = [p for p, _ in tensors]
-        if not params:
-            return
         g = kept.of([local(p) for p in params])
-        if g is None:  # not perturbed this step
+        if not params or g is None:  # not perturbed this step
             return
         g_s = [local(p.grad) for p in params]
         _, ss, dot = decompose(g, g_s, into=g, shards=shards_of(params))  # g <- D = g - g_s
         along = torch.where(ss > 0, dot / ss, torch.zeros_like(ss))  # <g, g_s> / ||g_s||^2
-        for alpha in sorted({a for _, a in tensors}):  # groups may weigh g_perp differently
-            mine = [i for i, (_, a) in enumerate(tensors) if a == alpha]
+        for alpha, mine in self._by_weight(tensors):
             _scale([g_s[i] for i in mine], 1 - alpha + alpha * along)
             for _, (gs, ds) in group_by_device_dtype([g_s[i] for i in mine], [g[i] for i in mine]):
                 torch._foreach_add_(gs, ds, alpha=-alpha)
         kept.clear()
-
-    def plain_step(self, groups: Sequence[dict], state: dict) -> None:
-        """Plain steps are plain."""
