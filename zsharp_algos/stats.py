@@ -2,15 +2,21 @@
 
 One implementation and one namespace (``sharpness/*``) for every entry point: the plain loop
 (``opt.stats``), Composer, Hugging Face, Accelerate and Lightning. Recorded by the engine on
-perturbed (micro-)batches, right after ``e`` is formed and before its memory is reused, so
-recording never forces a slower path:
+perturbed (micro-)batches from what the step computes anyway (the direction's norms, its mask,
+the coefficients that scale it), so recording them costs a few operations on 0-dim tensors, not
+passes over the gradients:
 
-* ``sharpness/grad_norm``: ``||g||`` of the first-pass gradient over the perturbed tensors;
-* ``sharpness/perturbation_norm``: ``||e||`` over the whole model (``rho`` for SAM; about
-  ``rho * sqrt(#filtered tensors)`` for ZSharp's ``scope="tensor"``);
-* ``sharpness/perturbed_fraction``: the share of the perturbed tensors' entries that ``e`` moves
-  (about ``1 - percentile/100`` for ZSharp; below 1 for SAM exactly where gradient entries are
-  exactly zero, e.g. dead ReLU units or unused embedding rows);
+* ``sharpness/grad_norm``: ``||g||`` of the first-pass gradient over the perturbed tensors (for
+  SAM the norm that scales ``e``; ZSharp has it from the per-tensor statistics of its filter);
+* ``sharpness/perturbation_norm``: ``||e||`` over the whole model, from the coefficients and the
+  direction's norms (``rho`` for SAM and the global scope; about ``rho * sqrt(#filtered
+  tensors)`` for ZSharp's ``scope="tensor"``; ASAM's is measured);
+* ``sharpness/perturbed_fraction``: the share of the perturbed tensors' entries the direction
+  keeps: 1 for SAM and its variants, the share ZSharp's mask keeps, about
+  ``1 - percentile/100``. Far from that where many gradient entries tie, typically exact zeros:
+  timm initialises the last BatchNorm of each residual block to zero, so early in training
+  most entries of those blocks' gradients are 0, their |z| all equal, and a threshold that falls
+  among those ties keeps them all (``|z| >= threshold``), though ``e`` moves none of them;
 * ``sharpness/loss_gap``: ``L(w + e) - L(w)`` from the two passes, the usual estimate of sharpness,
   per optimizer step (summed over micro-batches), in the units of the loss the trainer logs.
 
