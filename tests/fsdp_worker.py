@@ -6,11 +6,15 @@ to ``<out>/rank<r>.json``:
 
 * ``runs``: per configuration, the largest relative weight difference (per tensor, Frobenius)
   between the sharded and the unsharded run after the steps, and the replicated results of the
-  last step (SAM/ZSharp norms, thresholds) as bit patterns, to be compared across ranks;
+  last step (SAM/ZSharp norms, thresholds) as bit patterns, to be compared across ranks; for
+  LookSAM (``reuse="looksam"``), ``reuse_state``: whether every parameter's stored ``g_v`` is a
+  DTensor laid out as the parameter (mesh, placements, local shape) and its largest relative
+  difference from the unsharded run's ``g_v``;
 * ``masks``: per ZSharp configuration, how many entries of the sharded filter's mask differ from
   the unsharded filter's on the same gradients, and how many of those lie at a round-off tie;
-* ``resume``: whether a run saved to a sharded checkpoint (torch.distributed.checkpoint) after k
-  steps and resumed in fresh objects ends bitwise equal to the uninterrupted run.
+* ``resume``: per configuration of :data:`RESUME_CONFIGS`, whether a run saved to a sharded
+  checkpoint (torch.distributed.checkpoint) after k steps and resumed in fresh objects ends
+  bitwise equal to the uninterrupted run (weights, and LookSAM's ``g_v`` where there is one).
 
 ``--mesh 2x2``: the HSDP layout (replicate x shard) on 4 ranks, with the DTensors placed by
 the worker (:func:`run_configs_placed`).
@@ -32,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zsharp_algos  # noqa: E402
 from zsharp_algos import SAM, ClosureGradScaler, ZSharp  # noqa: E402
 from zsharp_algos import directions as D  # noqa: E402
+from zsharp_algos.rules import REUSE_KEY  # noqa: E402
 
 from fsdp_probe import gradient_factor  # noqa: E402  (this script's folder is on sys.path)
 
@@ -42,6 +47,13 @@ CONFIGS = {
     "zsharp_tensor": dict(cls=ZSharp, rho=0.05, percentile=95, scope="tensor"),
     "zsharp_adaptive": dict(cls=ZSharp, rho=0.5, percentile=70, adaptive=True),
     "zsharp_interval2": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2),
+    # LookSAM: over the 3 steps, plain (no g_v yet), sharpness (g_v stored), plain (g_v reused);
+    # its inner products and norms are completed across the shards
+    "sam_looksam_interval2": dict(cls=SAM, rho=0.05, interval=2, reuse="looksam"),
+    # random intervals: seed 10 draws sharpness, plain (g_v reused), sharpness for steps 0-2
+    # (zsharp_algos.schedule.sharpness_due), on every rank alike
+    "zsharp_looksam_random": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2, interval_mode="random",
+                                  interval_seed=10, reuse="looksam"),
     # FSDP2 options: weights kept unsharded between forward and backward; bf16 compute (the
     # shards stay float32, the second pass computes in bf16 at the all-gathered w + e)
     "zsharp_no_reshard": dict(cls=ZSharp, rho=0.05, percentile=70, fsdp=dict(reshard_after_forward=False)),
@@ -49,6 +61,12 @@ CONFIGS = {
     "zsharp_bf16_policy": dict(cls=ZSharp, rho=0.05, percentile=70, fsdp=dict(mp="bf16")),
 }
 STEPS = 3
+RESUME_CONFIGS = {
+    "zsharp_interval2": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2),
+    # seed 10 draws S . S . S for steps 0-4: the checkpoint after step 2 holds the g_v that the
+    # resumed step 3 reuses, and the draws of steps 3 and 4 come from the restored step counter
+    "zsharp_looksam_random": CONFIGS["zsharp_looksam_random"],
+}
 
 
 class Net(nn.Module):
@@ -185,7 +203,27 @@ def run_configs(mesh, dp_rank, dp_size, factor):
             "stats": {k: v for k, v in opt_s.stats.pop().items()},
             "stats_ref": {k: v for k, v in opt_r.stats.pop().items()},
         }
+        if cfg.get("reuse") == "looksam":
+            out[name]["reuse_state"] = reuse_state(opt_s, list(sharded.parameters()), opt_r, list(ref.parameters()))
     return out
+
+
+def reuse_state(opt_s, params, opt_r, ref_params):
+    """LookSAM's stored g_v on the sharded run against the parameters' layout and the unsharded
+    run's g_v (the reference scales its loss by FSDP2's factor: the same g_v)."""
+    from torch.distributed.tensor import DTensor
+
+    laid_out, rel = [], []
+    for p, q in zip(params, ref_params):
+        gv, want = opt_s.state[p].get(REUSE_KEY), opt_r.state[q].get(REUSE_KEY)
+        if gv is None or want is None:
+            return {"present": False}
+        laid_out.append(
+            isinstance(gv, DTensor) and gv.device_mesh == p.device_mesh and gv.placements == p.placements
+            and gv.to_local().shape == p.to_local().shape
+        )
+        rel.append(float((full(gv) - want).norm() / want.norm().clamp(min=1e-30)))
+    return {"present": True, "dtensor_like_param": all(laid_out), "max_rel_diff": max(rel)}
 
 
 def run_configs_placed(mesh):
@@ -231,6 +269,8 @@ def run_configs_placed(mesh):
             "replicated_bits": [bits(t) for t in rec.thresholds + rec.norms],
             "step_count": opt_s.step_count,
         }
+        if cfg.get("reuse") == "looksam":
+            out[name]["reuse_state"] = reuse_state(opt_s, params, opt_r, list(ref.parameters()))
     return out
 
 
@@ -343,34 +383,51 @@ def refusal_checks(mesh, world):
 
 
 def resume_check(mesh, dp_rank, dp_size, tmp):
-    """k steps, save (DCP), fresh objects, load, the rest: bitwise equal to the uninterrupted run."""
+    """Per configuration of :data:`RESUME_CONFIGS`: k steps, save (DCP), fresh objects, load, the
+    rest: bitwise equal to the uninterrupted run (weights; LookSAM's g_v where there is one)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    cfg = dict(cls=ZSharp, rho=0.05, percentile=70, interval=2)
+    out = {}
     data = batches(5)
-    model = shard(make_model(), mesh)
-    opt = make_opt(cfg, model.parameters())
-    train(model, opt, data, dp_rank, dp_size, 1.0)
-    straight = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    for name, cfg in RESUME_CONFIGS.items():
+        checkpoint = os.path.join(tmp, name)
+        model = shard(make_model(), mesh)
+        opt = make_opt(cfg, model.parameters())
+        train(model, opt, data, dp_rank, dp_size, 1.0)
+        straight = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+        straight_gv = gathered_reuse_state(model, opt)
 
-    model = shard(make_model(), mesh)
-    opt = make_opt(cfg, model.parameters())
-    train(model, opt, data[:3], dp_rank, dp_size, 1.0)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    dist.barrier()
+        model = shard(make_model(), mesh)
+        opt = make_opt(cfg, model.parameters())
+        train(model, opt, data[:3], dp_rank, dp_size, 1.0)
+        saved_gv = len(gathered_reuse_state(model, opt))
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=checkpoint)
+        dist.barrier()
 
-    model = shard(make_model(seed=99), mesh)  # other weights: the load must replace them
-    opt = make_opt(cfg, model.parameters())
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=tmp)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    resumed_count = opt.step_count
-    train(model, opt, data, dp_rank, dp_size, 1.0, start=3)
-    equal = all(torch.equal(full(p.detach()), straight[n]) for n, p in model.named_parameters())
-    return {"bitwise_equal": equal, "step_count_after_load": resumed_count, "step_count": opt.step_count}
+        model = shard(make_model(seed=99), mesh)  # other weights: the load must replace them
+        opt = make_opt(cfg, model.parameters())
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        resumed_count = opt.step_count
+        loaded_gv = len(gathered_reuse_state(model, opt))
+        train(model, opt, data, dp_rank, dp_size, 1.0, start=3)
+        equal = all(torch.equal(full(p.detach()), straight[n]) for n, p in model.named_parameters())
+        resumed_gv = gathered_reuse_state(model, opt)
+        out[name] = {"bitwise_equal": equal, "step_count_after_load": resumed_count, "step_count": opt.step_count,
+                     "reuse_state_equal": resumed_gv.keys() == straight_gv.keys()
+                     and all(torch.equal(resumed_gv[n], straight_gv[n]) for n in straight_gv)}
+        if cfg.get("reuse") == "looksam":  # the g_v tensors saved, and those the load put back
+            out[name]["reuse_state_entries"] = {"saved": saved_gv, "loaded": loaded_gv}
+    return out
+
+
+def gathered_reuse_state(model, opt):
+    """LookSAM's g_v per parameter name, gathered (empty without LookSAM)."""
+    return {n: full(opt.state[p][REUSE_KEY]).clone() for n, p in model.named_parameters() if REUSE_KEY in opt.state[p]}
 
 
 def overflow_checks(mesh, dp_rank, dp_size):

@@ -28,6 +28,7 @@ from reference import sam_perturbation, zsharp_global_perturbation  # noqa: E402
 from two_pass_reference import (  # noqa: E402
     accumulated_step,
     assert_same,
+    data_parallel_run,
     data_parallel_step,
     mlp,
     two_pass_gradient,
@@ -240,46 +241,87 @@ def test_state_dict_roundtrip_keeps_interval_phase():
 
 # --------------------------------------------------------------------------- two processes
 WORKER = r'''
+import json
 import sys
 import torch, torch.nn.functional as F
 from accelerate import Accelerator
-from zsharp_algos import ZSharp
+from torch.nn.parallel import DistributedDataParallel
+from zsharp_algos import SAM, ZSharp
 from zsharp_algos.accelerate_loop import TwoPassBackward
 sys.path.insert(0, sys.argv[2])
 from two_pass_reference import mlp
 
-accelerator = Accelerator(cpu=True)
-model = mlp(bn=False)
-init = {k: v.clone() for k, v in model.state_dict().items()}
-sharp = TwoPassBackward(accelerator, ZSharp(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), rho=0.5))
-model, optimizer = accelerator.prepare(model, sharp.optimizer)
-gen = torch.Generator().manual_seed(100 + accelerator.process_index)  # every rank its own batches
-seen = []
-for step in range(3):
-    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-    seen.append((x, y))
-    with accelerator.accumulate(model):
-        sharp.backward(model, lambda: F.cross_entropy(model(x), y))
-        optimizer.step()
-        optimizer.zero_grad()
-final = accelerator.unwrap_model(model).state_dict()
-torch.save({"init": init, "seen": seen, "final": final, "world": accelerator.num_processes},
-           f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
+accelerator = Accelerator(cpu=True)  # gloo; also the process group of the core's own DDP run
+saved = {"world": accelerator.num_processes}
+for name, cfg in json.loads(sys.argv[3]).items():
+    model = mlp(bn=False)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    cls = {"sam": SAM, "zsharp": ZSharp}[cfg["optimizer"]]
+    opt = cls(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), **cfg["options"])
+    gen = torch.Generator().manual_seed(100 + accelerator.process_index)  # every rank its own batches
+    seen = [[(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+             for _ in range(cfg["accumulate"])] for _ in range(cfg["steps"])]
+    if cfg["driver"] == "core":  # torch's DDP and the closure step: both passes all-reduced by backward
+        ddp = DistributedDataParallel(model)
+        for (x, y), in seen:
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    else:
+        accelerator.gradient_accumulation_steps = cfg["accumulate"]
+        accelerator.step = 0  # the micro-batch counter of accumulate(), left over from the previous run
+        sharp = TwoPassBackward(accelerator, opt)
+        prepared, optimizer = accelerator.prepare(model, sharp.optimizer)
+        for micro in seen:
+            for x, y in micro:
+                with accelerator.accumulate(prepared):
+                    sharp.backward(prepared, lambda: F.cross_entropy(prepared(x), y))
+                    optimizer.step()
+                    optimizer.zero_grad()
+    saved[name] = {"init": init, "seen": seen, "final": {k: v.clone() for k, v in model.state_dict().items()},
+                   "state": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+                   "step_count": opt.step_count}
+torch.save(saved, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
 '''
 
+#: One launch, four runs: the first as before; LookSAM with 2 micro-batches a step (accelerate
+#: puts the first under no_sync, and the first pass must be all-reduced anyway); random
+#: intervals (seed 10 draws S . S . for steps 0-3, where the fixed phase is . S . S); the core's
+#: step(closure) on torch's own DDP with both.
+DDP_RUNS = {
+    "zsharp": dict(driver="accelerate", optimizer="zsharp", options=dict(rho=0.5), accumulate=1, steps=3),
+    "sam_looksam_accumulate2": dict(driver="accelerate", optimizer="sam", accumulate=2, steps=4,
+                                    options=dict(rho=0.5, interval=2, reuse="looksam", reuse_alpha=0.7)),
+    "zsharp_random": dict(driver="accelerate", optimizer="zsharp", accumulate=1, steps=4,
+                          options=dict(rho=0.5, interval=2, interval_mode="random", interval_seed=10)),
+    "core_looksam_random": dict(driver="core", optimizer="sam", accumulate=1, steps=4,
+                                options=dict(rho=0.5, interval=2, interval_mode="random", interval_seed=10,
+                                             reuse="looksam", reuse_alpha=0.7)),
+}
 
-def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_path):
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     launcher = Path(sys.executable).with_name("accelerate")
     # `--multi_gpu` is accelerate's torchrun-based launcher; the worker's Accelerator(cpu=True) makes it gloo DDP.
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
-           str(script), str(tmp_path), str(Path(__file__).parent)]
+           str(script), str(tmp_path), str(Path(__file__).parent), json.dumps(DDP_RUNS)]
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["world"] == 2
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    return ranks
+
+
+def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(two_processes):
+    r0, r1 = (r["zsharp"] for r in two_processes)
     assert_same(r0["final"], r1["final"])  # replicas identical, bitwise
 
     model = mlp(bn=False)
@@ -288,12 +330,63 @@ def test_two_processes_end_bitwise_equal_and_match_per_rank_first_pass_math(tmp_
     perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=0.5)  # noqa: E731
     opt, other_opt = (torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for m in (model, other))
     for step in range(3):
-        rank_batches = [r0["seen"][step], r1["seen"][step]]
+        rank_batches = [r0["seen"][step][0], r1["seen"][step][0]]
         data_parallel_step(model, rank_batches, perturbation, opt)
         data_parallel_step(other, rank_batches, perturbation, other_opt, sync_first_pass=True)
     assert_same(r0["final"], model.state_dict(), exact=False)
     # and it is really the per-rank first pass: the all-reduced one ends elsewhere
     assert max((a - b).abs().max().item() for a, b in zip(r0["final"].values(), other.state_dict().values())) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["sam_looksam_accumulate2", "zsharp_random", "core_looksam_random"])
+def test_two_processes_with_looksam_and_random_intervals_end_bitwise_equal_and_match_the_math(two_processes, name):
+    """Bitwise equal replicas (weights, momentum, LookSAM's g_v), and the weights of
+    ``data_parallel_run``: LookSAM with each micro-batch's first pass averaged over the ranks
+    (also the one accelerate runs under no_sync), random intervals on the draws of
+    ``sharpness_due`` with each rank's own first pass. Each reference ends elsewhere without
+    what is tested (no reuse, or the fixed phase), so the comparison tells them apart."""
+    from zsharp_algos.rules import REUSE_KEY
+    from zsharp_algos.schedule import sharpness_due
+
+    cfg = DDP_RUNS[name]
+    r0, r1 = (r[name] for r in two_processes)
+    assert r0["step_count"] == r1["step_count"] == cfg["steps"]
+    assert_same(r0["final"], r1["final"])
+    for a, b in zip(r0["state"], r1["state"]):
+        assert_same(a, b)
+    options = cfg["options"]
+    looksam = options.get("reuse") == "looksam"
+    assert all((REUSE_KEY in s) == looksam for s in r0["state"])
+
+    rho, k = options["rho"], options["interval"]
+    if cfg["optimizer"] == "sam":
+        perturbation = lambda params, grads: sam_perturbation(params, grads, rho)  # noqa: E731
+    else:
+        perturbation = lambda params, grads: zsharp_global_perturbation(grads, rho=rho)  # noqa: E731
+    mode, seed = options.get("interval_mode", "fixed"), options.get("interval_seed", 0)
+    # the core driver all-reduces both passes; two_pass_backward keeps the first local unless LookSAM needs it
+    sync = looksam or cfg["driver"] == "core"
+
+    def reference(due, alpha):
+        model = mlp(bn=False)
+        model.load_state_dict(r0["init"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        steps = [[r0["seen"][t], r1["seen"][t]] for t in range(cfg["steps"])]
+        data_parallel_run(model, steps, perturbation, opt, due, sync_first_pass=sync, reuse_alpha=alpha)
+        return model.state_dict()
+
+    def apart(a, b):
+        return max((a[key] - b[key]).abs().max().item() for key in a) > 1e-4
+
+    drawn = lambda t: sharpness_due(t, k, mode, seed)  # noqa: E731
+    alpha = options.get("reuse_alpha") if looksam else None
+    assert_same(r0["final"], reference(drawn, alpha), exact=False)
+    if looksam:
+        assert apart(r0["final"], reference(drawn, None))
+    if mode == "random":
+        fixed = lambda t: (t + 1) % k == 0  # noqa: E731
+        assert [drawn(t) for t in range(cfg["steps"])] != [fixed(t) for t in range(cfg["steps"])]
+        assert apart(r0["final"], reference(fixed, alpha))
 
 
 # --------------------------------------------------------------------------- the example script
@@ -327,19 +420,31 @@ def test_example_script_routes_eps_to_the_base_and_perturb_eps_to_us():
         module.make_optimizer(module.parse_args(["--base-optim", "sgd", "--eps", "1e-3"]), model)
 
 
-def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("options, checkpoint", [
+    # resume at step 1: the next step (2) is a sharpness step only if the interval counter was saved
+    ((), 1),
+    # seed 8 draws S S . S for the steps (0-based): the resumed step 2 steps with the g_v of
+    # step 1, which must come back from the checkpoint, and step 3's draw from the step counter
+    (("--reuse", "looksam", "--interval-mode", "random", "--interval-seed", "8"), 2),
+], ids=["interval2", "looksam_random"])
+def test_example_script_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, options, checkpoint):
     from safetensors.torch import load_file
 
     main = _train_main()
-    full = _run(main, tmp_path / "full", "--checkpoint-every", "1")
+    full = _run(main, tmp_path / "full", "--checkpoint-every", "1", *options)
     assert full["steps"] == 4 and full["final"]["test_accuracy"] >= 0
     assert "sharpness/perturbation_norm" in full["final"]
-    # resume at step 1: the next step (2) is a sharpness step only if the interval counter was saved
-    _run(main, tmp_path / "full", "--resume", str(tmp_path / "full" / "checkpoints" / "step_1"),
-         "--output-dir", str(tmp_path / "resumed"))
+    _run(main, tmp_path / "full", "--resume", str(tmp_path / "full" / "checkpoints" / f"step_{checkpoint}"),
+         "--output-dir", str(tmp_path / "resumed"), *options)
     uninterrupted = load_file(tmp_path / "full" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert_same(resumed, uninterrupted)
+    if "looksam" in options:  # the checkpoint the resumed run started from holds every g_v
+        from zsharp_algos.rules import REUSE_KEY
+
+        saved = torch.load(tmp_path / "full" / "checkpoints" / f"step_{checkpoint}" / "optimizer.bin",
+                           weights_only=True)
+        assert saved["state"] and all(REUSE_KEY in s for s in saved["state"].values())
 
 
 def test_example_script_under_fsdp2_equals_the_single_process_run(tmp_path):

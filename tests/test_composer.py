@@ -25,6 +25,7 @@ from composer import Callback, Trainer  # noqa: E402
 from composer.loggers import InMemoryLogger  # noqa: E402
 from composer.models import ComposerClassifier  # noqa: E402
 from composer.trainer._scaler import ClosureGradScaler  # noqa: E402
+import composer_ddp_worker as worker  # noqa: E402
 from composer_ddp_worker import small_bn_net  # noqa: E402
 from launch_env import clean_env, free_port  # noqa: E402
 from reference import zsharp_global_masks  # noqa: E402
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from zsharp_algos import SAM, ZSharp  # noqa: E402
 from zsharp_algos.composer import ComposerZSharp, SAMAlgorithm, ZSharpAlgorithm  # noqa: E402
+from zsharp_algos.rules import REUSE_KEY  # noqa: E402
+from zsharp_algos.schedule import sharpness_due  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -261,13 +264,21 @@ def test_gradient_accumulation_matches_whole_batch(algorithm_cls):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
-    """interval=3 with a checkpoint at batch 5 (mid-phase, mid-epoch), BatchNorm, momentum."""
+@pytest.mark.parametrize("options", [
+    dict(interval=3),
+    # LookSAM: g_v from batch 4 (a sharpness step) is in the checkpoint and reused by batches 5 to 8
+    dict(interval=5, reuse="looksam"),
+    # seed 4 draws . . S S S . . S S for batches 0-8: batches 5 and 6 reuse batch 4's g_v, and the
+    # draws after the checkpoint come from Composer's restored batch counter
+    dict(interval=2, interval_mode="random", interval_seed=4, reuse="looksam"),
+], ids=["interval3", "looksam", "looksam_random"])
+def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path, options):
+    """A checkpoint at batch 5 (mid-phase, mid-epoch), BatchNorm, momentum (and LookSAM's g_v)."""
     data = make_data(16)
 
     def run(**kwargs):
         model = seeded(small_bn_net)
-        trainer = composer_fit(model, ZSharpAlgorithm(interval=3), data, batch_size=4, batches=9, **kwargs)
+        trainer = composer_fit(model, ZSharpAlgorithm(**options), data, batch_size=4, batches=9, **kwargs)
         return model, trainer
 
     full_model, full = run(save_folder=str(tmp_path), save_interval="5ba", save_filename="ba{batch}.pt")
@@ -280,9 +291,12 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
     assert int(resumed.state.timestamp.batch) == int(full.state.timestamp.batch) == 9
     assert_same_tensors(resumed_model.state_dict(), full_model.state_dict())  # weights + BN statistics
     base_full, base_resumed = full.state.optimizers[0].base_optimizer, resumed.state.optimizers[0].base_optimizer
-    assert len(optimizer_tensors(base_full)) == len(list(full_model.parameters()))  # momentum for all
+    per_param = 2 if options.get("reuse") == "looksam" else 1  # momentum, and g_v
+    assert len(optimizer_tensors(base_full)) == per_param * len(list(full_model.parameters()))
     assert_same_tensors(optimizer_tensors(base_resumed), optimizer_tensors(base_full))
     assert base_resumed.state_dict()["param_groups"] == base_full.state_dict()["param_groups"]
+    saved = torch.load(tmp_path / "ba5.pt", weights_only=False)["state"]["optimizers"]["ComposerZSharp"]["state"]
+    assert all((REUSE_KEY in s) == (per_param == 2) for s in saved.values())  # the resumed run started from it
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -308,8 +322,11 @@ def launch_two_ranks(script: Path, *args: str, timeout: float = 300) -> None:
 
 def test_two_ranks_end_bitwise_equal(tmp_path):
     """2 processes (gloo), unsynced first passes: ours keep the replicas bitwise equal, where
-    Composer's own SAM (restore by subtraction) has already drifted in the same run."""
-    steps, algorithms = 12, ["zsharp", "sam", "composer_sam"]
+    Composer's own SAM (restore by subtraction) has already drifted in the same run. In the same
+    launch, LookSAM reuse (its first pass all-reduced, g_v the same on both ranks) and random
+    intervals (both ranks draw the same steps, those of ``sharpness_due``) end bitwise equal too,
+    and LookSAM's run is the core optimizer's on the ranks' averaged gradients."""
+    steps, algorithms = 12, ["zsharp", "sam", "composer_sam", "sam_looksam", "zsharp_random"]
     launch_two_ranks(ROOT / "tests" / "composer_ddp_worker.py", str(tmp_path), str(steps), *algorithms)
 
     def params(state):  # BatchNorm running statistics are per rank under DDP (rank 0's are broadcast)
@@ -322,10 +339,50 @@ def test_two_ranks_end_bitwise_equal(tmp_path):
             assert drift > 0, "control: Composer's SAM was expected to drift in this setting"
             continue
         assert_same_tensors(params(rank0), params(rank1))
-        momentum = [s["momentum_buffer"] for s in rank0["optimizer"]["state"].values()]
-        assert len(momentum) == len(params(rank0))
-        for a, b in zip(momentum, [s["momentum_buffer"] for s in rank1["optimizer"]["state"].values()]):
-            assert torch.equal(a, b)
+        states = [[s for _, s in sorted(r["optimizer"]["state"].items())] for r in (rank0, rank1)]
+        assert len(states[0]) == len(params(rank0)) and all("momentum_buffer" in s for s in states[0])
+        for a, b in zip(*states):  # momentum, and LookSAM's g_v where there is one
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        options = worker.OPTIONS[name]
+        sharp = [sharpness_due(t, options["interval"], options.get("interval_mode", "fixed"),
+                               options.get("interval_seed", 0)) for t in range(steps)]
+        assert rank0["forwards"] == rank1["forwards"] == steps + sum(sharp), name  # two passes on those steps
+        if name == "zsharp_random":
+            assert 0 < sum(sharp) < steps and sharp != [(t + 1) % 2 == 0 for t in range(steps)]  # not the fixed phase
+        assert all(REUSE_KEY in s for s in states[0]) == (options.get("reuse") == "looksam"), name
+
+    # LookSAM under DDP is the core optimizer on the mean of the ranks' gradients, both passes
+    # (BatchNorm normalises each rank's batch by its own statistics in training mode); without
+    # the reuse the same loop ends elsewhere, so the comparison sees it. (SAM: ZSharp's mask
+    # would also depend on the round-off noise that is the gradient of the conv bias before
+    # BatchNorm, whose true gradient is 0.)
+    got = params(torch.load(tmp_path / "sam_looksam-rank0.pt", weights_only=True))
+    for reuse, close in (("looksam", True), ("none", False)):
+        ref = looksam_reference(steps, dict(worker.OPTIONS["sam_looksam"], reuse=reuse))
+        if close:
+            for k, v in ref.items():
+                torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert max((got[k] - v).abs().max().item() for k, v in ref.items()) > 1e-4
+
+
+def looksam_reference(steps: int, options: dict) -> dict:
+    """The core SAM in one process, each pass's gradient the mean over the 2 ranks' batches."""
+    x, y = worker.ddp_data()
+    torch.manual_seed(1)
+    model = worker.small_bn_net()
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=worker.LR, momentum=worker.MOMENTUM), model=model, **options)
+    for t in range(steps):
+        rank_batches = [worker.rank_batch(x, y, r, t) for r in range(worker.WORLD)]
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(F.cross_entropy(model(xb), yb) for xb, yb in rank_batches) / worker.WORLD
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return {k: v.detach() for k, v in model.named_parameters()}
 
 
 def test_fsdp2_on_two_ranks_matches_the_unsharded_loop(tmp_path):
@@ -478,6 +535,27 @@ def test_amp_fp16_trainer_on_cuda_matches_core_loop_and_skips_overflow_exactly()
 
 
 # --------------------------------------------------------------------------- YAML runs
+@pytest.mark.parametrize("path", sorted((ROOT / "yamls" / "composer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_yaml_config_builds(path):
+    """Every config resolves its base chain and builds its optimizer, scheduler and algorithms
+    (the constructors validate every option), each option reaching the algorithm as written;
+    the runs themselves are two configs below and the README's commands."""
+    train = load_train_script()
+    cfg = train.load_config(path)
+    assert {"model", "data", "optimizer", "trainer"} <= cfg.keys(), path.name
+    assert cfg["trainer"]["run_name"].startswith(path.stem.replace("_", "-")), path.name
+    train.build_optimizer(cfg["optimizer"], mlp())
+    train.build_scheduler(cfg.get("scheduler"))
+    algorithms = train.build_algorithms(cfg.get("algorithms"))
+    assert [type(a) for a in algorithms] == [train.ALGORITHMS[name] for name in cfg.get("algorithms") or {}]
+    for algorithm, written in zip(algorithms, (cfg.get("algorithms") or {}).values()):
+        assert {k: algorithm.hparams()[k] for k in written} == written, path.name
+    if "looksam" in path.stem:  # the configs the README's "Fewer passes" paragraph names
+        assert written["reuse"] == "looksam" and written["interval"] == 5
+    if "random" in path.stem:
+        assert written["interval_mode"] == "random" and written["interval"] > 1
+
+
 @pytest.mark.parametrize(
     "config, model_overrides",
     [("resnet18_zsharp.yaml", []), ("vit_tiny_zsharp_paper.yaml", ["model.kwargs.depth=2"])],  # 2 of 12 blocks

@@ -185,20 +185,38 @@ def test_bf16_autocast_step_matches_the_math(tmp_path):
     assert_same(model.body.state_dict(), ref.state_dict(), exact=False, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optim", ["sgd", "zsharp"])
-def test_checkpoint_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, optim):
+@pytest.mark.parametrize("optim, options, checkpoint", [
+    ("sgd", {}, 1),
+    ("zsharp", {}, 1),
+    # LookSAM: g_v from step 1 (a sharpness step) is in checkpoint-2 and reused by step 2
+    ("zsharp", dict(reuse="looksam"), 2),
+    # seed 1 draws S . . for steps 0-2: steps 1 and 2 reuse step 0's g_v from checkpoint-1
+    ("zsharp", dict(reuse="looksam", interval_mode="random", interval_seed=1), 1),
+], ids=["sgd", "zsharp", "looksam", "looksam_random"])
+def test_checkpoint_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, optim, options, checkpoint):
     """Stock SGD first (transformers' own resume is bitwise here), then ZSharp with interval 2
-    resumed at step 1: step 2 is a sharpness step only if the interval counter was saved."""
+    resumed at step 1: step 2 is a sharpness step only if the interval counter was saved; with
+    LookSAM, from a checkpoint whose g_v the resumed plain steps use."""
+    from zsharp_algos.schedule import sharpness_due
+
     settings = dict(optim=optim, base_optim="sgd", rho=0.2, interval=2, max_steps=3, save_strategy="steps",
-                    save_steps=1)
+                    save_steps=1, **options)
     full = Recorder(mlp())
     resumed = copy.deepcopy(full)
     train(arguments(tmp_path / "full", **settings), full)
     trainer = zhf.Trainer(model=resumed, args=arguments(tmp_path / "full", **settings), train_dataset=Points())
-    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{checkpoint}"))
     assert trainer.state.global_step == 3
-    assert len(resumed.seen) == (3 if optim == "zsharp" else 2)  # steps 2 (two passes) and 3 (one)
+    due = [optim == "zsharp" and sharpness_due(t, 2, options.get("interval_mode", "fixed"),
+                                               options.get("interval_seed", 0)) for t in range(checkpoint, 3)]
+    assert len(resumed.seen) == len(due) + sum(due)  # two passes on the sharpness steps
     assert_same(resumed.body.state_dict(), full.body.state_dict())
+    if options.get("reuse") == "looksam":
+        from zsharp_algos.rules import REUSE_KEY
+
+        saved = torch.load(tmp_path / "full" / f"checkpoint-{checkpoint}" / "optimizer.pt", weights_only=True)
+        assert saved["state"] and all(REUSE_KEY in s for s in saved["state"].values())
+        assert not any(due[:1])  # the first resumed step is a plain one: it steps with the restored g_v
 
 
 def test_fp16_overflow_in_the_first_pass_skips_the_step_with_clean_weights(tmp_path):

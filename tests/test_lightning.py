@@ -401,9 +401,20 @@ def test_scaler_reads_a_torch_grad_scaler_state():
 
 
 # --------------------------------------------------------------------------- checkpoints
-def test_resume_from_checkpoint_is_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("options", [
+    dict(interval=2),
+    # LookSAM: g_v from step 2 (a sharpness step) is in the checkpoint and reused by steps 3 and 4
+    dict(interval=3, reuse="looksam"),
+    # seed 9 draws . S S . . S for steps 0-5: steps 3 and 4 reuse step 2's g_v, and the draws
+    # after the checkpoint come from the restored global_step
+    dict(interval=2, interval_mode="random", interval_seed=9, reuse="looksam"),
+], ids=["interval2", "looksam", "looksam_random"])
+def test_resume_from_checkpoint_is_bitwise_equal(tmp_path, options):
+    from zsharp_algos.rules import REUSE_KEY
+    from zsharp_algos.schedule import sharpness_due
+
     data = make_data(48)  # 3 steps per epoch: the checkpoint falls on an odd step, mid-phase for interval=2
-    callback = lambda: ZSharpCallback(rho=0.05, percentile=70, interval=2)  # noqa: E731
+    callback = lambda: ZSharpCallback(rho=0.05, percentile=70, **options)  # noqa: E731
     straight = Net()
     straight_trainer = fit(straight, data, batch_size=16, epochs=2, callbacks=[callback()])
 
@@ -413,15 +424,22 @@ def test_resume_from_checkpoint_is_bitwise_equal(tmp_path):
     ckpt = tmp_path / "epoch=0-step=3.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     assert saved["optimizer_states"][0]["sharpness"]["step_count"] == 3
+    looksam = options.get("reuse") == "looksam"
+    assert all((REUSE_KEY in s) == looksam for s in saved["optimizer_states"][0]["state"].values())
     resumed = Net()
     torch.manual_seed(123)
     resumed.net = bn_mlp(seed=7)  # different initial weights: everything must come from the checkpoint
     trainer = fit(resumed, data, batch_size=16, epochs=2, callbacks=[callback()], ckpt_path=str(ckpt))
     assert trainer.global_step == straight_trainer.global_step == 6
     assert_same_state(resumed.net, straight.net)
-    assert all(torch.equal(a, b) for a, b in zip(momentum(trainer.optimizers[0], resumed.net),
-                                                 momentum(straight_trainer.optimizers[0], straight.net)))
-    assert resumed.calls == 3 + 2  # resumed steps 3 (sharp), 4 (plain), 5 (sharp)
+    for p_straight, p_resumed in zip(straight.net.parameters(), resumed.net.parameters()):
+        want, got = straight_trainer.optimizers[0].state[p_straight], trainer.optimizers[0].state[p_resumed]
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # momentum, g_v
+    due = [sharpness_due(t, options["interval"], options.get("interval_mode", "fixed"), options.get("interval_seed", 0))
+           for t in range(3, 6)]
+    assert resumed.calls == 3 + sum(due)  # the resumed steps 3 to 5, two passes on the sharpness steps
+    if looksam:
+        assert not due[0]  # the first resumed step is a plain one: it steps with the restored g_v
 
 
 # --------------------------------------------------------------------------- several processes

@@ -106,15 +106,30 @@ def test_interval_calls_closure_twice_every_kth_step():
     assert opt.step_count == 7
 
 
-@pytest.mark.parametrize("name", ["sam", "zsharp"])
-def test_resume_is_bitwise(name):
-    """Save after 5 steps (interval 2: mid-phase), load into fresh objects, continue: identical
-    weights, BN buffers and momentum to the uninterrupted run."""
+RESUME_CASES = {
+    "sam": ("sam", dict(interval=2)),
+    "zsharp": ("zsharp", dict(interval=2)),
+    # LookSAM: g_v from step 4, in the checkpoint, is reused by the resumed steps 5 to 8
+    "zsharp_looksam": ("zsharp", dict(interval=5, reuse="looksam")),
+    # random intervals: seed 4 draws . . S S S . . S S . for steps 0-9; after the checkpoint the
+    # draws come from the restored step counter, and steps 5 and 6 reuse step 4's g_v
+    "sam_looksam_random": ("sam", dict(interval=2, interval_mode="random", interval_seed=4, reuse="looksam")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_is_bitwise(case):
+    """Save after 5 steps (mid-phase), load into fresh objects, continue: identical weights, BN
+    buffers, momentum and LookSAM's g_v to the uninterrupted run. With LookSAM, a checkpoint
+    without g_v continues elsewhere: the comparison sees whether it came back."""
+    from zsharp_algos.rules import REUSE_KEY
+
+    name, options = RESUME_CASES[case]
     data = batches(10)
 
     def build():
         model = make_model()
-        opt = create_optimizer(name, model.parameters(), lr=0.1, momentum=0.9, interval=2, model=model)
+        opt = create_optimizer(name, model.parameters(), lr=0.1, momentum=0.9, model=model, **options)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         return model, opt, sched
 
@@ -132,15 +147,28 @@ def test_resume_is_bitwise(name):
     torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    resumed = build()
-    resumed[0].load_state_dict(ckpt["model"])
-    resumed[1].load_state_dict(ckpt["opt"])
-    resumed[2].load_state_dict(ckpt["sched"])
-    assert resumed[1].step_count == 5
-    run(*resumed, data[5:])
+
+    def resume(opt_state):
+        resumed = build()
+        resumed[0].load_state_dict(ckpt["model"])
+        resumed[1].load_state_dict(opt_state)
+        resumed[2].load_state_dict(ckpt["sched"])
+        assert resumed[1].step_count == 5
+        run(*resumed, data[5:])
+        return resumed
+
+    resumed = resume(ckpt["opt"])
     assert torch.equal(flat_state(full[0]), flat_state(resumed[0]))
     for p_full, p_res in zip(full[0].parameters(), resumed[0].parameters()):
-        assert torch.equal(full[1].state[p_full]["momentum_buffer"], resumed[1].state[p_res]["momentum_buffer"])
+        want, got = full[1].state[p_full], resumed[1].state[p_res]
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    looksam = options.get("reuse") == "looksam"
+    assert all((REUSE_KEY in s) == looksam for s in ckpt["opt"]["state"].values())
+    if looksam:
+        dropped = copy.deepcopy(ckpt["opt"])
+        for s in dropped["state"].values():
+            del s[REUSE_KEY]
+        assert not torch.equal(flat_state(full[0]), flat_state(resume(dropped)[0]))
 
 
 def test_failing_second_pass_restores_weights_exactly():

@@ -123,6 +123,68 @@ def data_parallel_step(model, rank_batches, perturbation, optimizer, sync_first_
     apply_gradient(model, [torch.stack(gs).mean(0) for gs in zip(*g2)], optimizer)
 
 
+def data_parallel_run(model, steps, perturbation, optimizer, due, sync_first_pass=False, reuse_alpha=None) -> None:
+    """DDP with gradient accumulation, written out one rank and one micro-batch at a time.
+
+    ``steps[t][r]`` is rank ``r``'s list of micro-batches at step ``t``; each micro-batch's loss
+    is divided by their number (as ``accelerator.backward`` does). A plain step (not ``due(t)``)
+    uses the ranks' mean of the summed gradients. On a sharpness step each micro-batch is
+    perturbed by its own first-pass gradient: this rank's, or with ``sync_first_pass`` the
+    ranks' mean; the step uses the ranks' mean of the summed second-pass gradients.
+    ``reuse_alpha``: LookSAM (Liu et al., 2022) on top, with ``g`` the step's first-pass gradient
+    (the micro-batches' ranks' means, summed): a sharpness step keeps
+    ``g_v = g_s - (<g, g_s> / ||g||^2) g``, a plain step after one uses
+    ``g + reuse_alpha * ||g|| / ||g_v|| * g_v``."""
+    params = trainable(model)
+    g_v = None
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def mean(per_rank):
+        return [torch.stack(gs).mean(0) for gs in zip(*per_rank)]
+
+    def total(per_micro):
+        return [torch.stack(gs).sum(0) for gs in zip(*per_micro)]
+
+    for t, rank_micro in enumerate(steps):
+        n = len(rank_micro[0])
+
+        def grad(x, y):
+            return list(torch.autograd.grad(ce_loss(x, y, 1.0 / n)(model), params))
+
+        first = [[grad(x, y) for x, y in micro] for micro in rank_micro]  # [rank][micro], all at w
+        if not due(t):
+            g = mean([total(f) for f in first])
+            if reuse_alpha is not None and g_v is not None:
+                coef = reuse_alpha * flat(g).norm() / flat(g_v).norm()
+                g = [gi + coef * vi for gi, vi in zip(g, g_v)]
+            apply_gradient(model, g, optimizer)
+            continue
+        second = []
+        for r, micro in enumerate(rank_micro):
+            sums = None
+            for m, (x, y) in enumerate(micro):
+                g1 = mean([f[m] for f in first]) if sync_first_pass else first[r][m]
+                with torch.no_grad():
+                    e = perturbation(params, g1)
+                    saved = [p.clone() for p in params]
+                    for p, ei in zip(params, e):
+                        p.add_(ei)
+                g2 = grad(x, y)
+                with torch.no_grad():
+                    for p, w in zip(params, saved):
+                        p.copy_(w)
+                sums = g2 if sums is None else [a + b for a, b in zip(sums, g2)]
+            second.append(sums)
+        g_s = mean(second)
+        if reuse_alpha is not None:
+            g = total([mean([f[m] for f in first]) for m in range(n)])
+            fg, fs = flat(g), flat(g_s)
+            g_v = [si - (fg @ fs) / (fg @ fg) * gi for si, gi in zip(g_s, g)]
+        apply_gradient(model, g_s, optimizer)
+
+
 def lookahead_run(model, batches, perturbation, optimizer) -> None:
     """The single-pass callback variant: step t's forward/backward runs at w_t + e(g_{t-1}), the
     base step is taken from w_t with that gradient (no perturbation on the first step)."""
