@@ -34,9 +34,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zsharp_algos  # noqa: E402
-from zsharp_algos import SAM, ClosureGradScaler, ZSharp  # noqa: E402
+from zsharp_algos import GCSAM, GSAM, SAM, ClosureGradScaler, FriendlySAM, ZSharp  # noqa: E402
 from zsharp_algos import directions as D  # noqa: E402
-from zsharp_algos.rules import REUSE_KEY  # noqa: E402
+from zsharp_algos.options import KEY_PREFIX  # noqa: E402
 
 from fsdp_probe import gradient_factor  # noqa: E402  (this script's folder is on sys.path)
 
@@ -54,6 +54,12 @@ CONFIGS = {
     # (zsharp_algos.schedule.sharpness_due), on every rank alike
     "zsharp_looksam_random": dict(cls=ZSharp, rho=0.05, percentile=70, interval=2, interval_mode="random",
                                   interval_seed=10, reuse="looksam"),
+    # the SAM family: FriendlySAM's m (state sharded as the parameter), GSAM's inner products
+    # across the shards, GCSAM's per-row means (a shard holds whole rows), ZSharp over FriendlySAM
+    "friendlysam": dict(cls=FriendlySAM, rho=0.05),
+    "gsam": dict(cls=GSAM, rho=0.05, alpha=0.3),
+    "gcsam": dict(cls=GCSAM, rho=0.05),
+    "zsharp_friendly": dict(cls=ZSharp, rho=0.05, percentile=70, variant="friendly", interval=2),
     # FSDP2 options: weights kept unsharded between forward and backward; bf16 compute (the
     # shards stay float32, the second pass computes in bf16 at the all-gathered w + e)
     "zsharp_no_reshard": dict(cls=ZSharp, rho=0.05, percentile=70, fsdp=dict(reshard_after_forward=False)),
@@ -66,6 +72,7 @@ RESUME_CONFIGS = {
     # seed 10 draws S . S . S for steps 0-4: the checkpoint after step 2 holds the g_v that the
     # resumed step 3 reuses, and the draws of steps 3 and 4 come from the restored step counter
     "zsharp_looksam_random": CONFIGS["zsharp_looksam_random"],
+    "friendlysam": CONFIGS["friendlysam"],  # m and its Python-bool "started" flag through DCP
 }
 
 
@@ -203,26 +210,39 @@ def run_configs(mesh, dp_rank, dp_size, factor):
             "stats": {k: v for k, v in opt_s.stats.pop().items()},
             "stats_ref": {k: v for k, v in opt_r.stats.pop().items()},
         }
-        if cfg.get("reuse") == "looksam":
+        if keeps_state(cfg):
             out[name]["reuse_state"] = reuse_state(opt_s, list(sharded.parameters()), opt_r, list(ref.parameters()))
     return out
 
 
+def keeps_state(cfg) -> bool:
+    """Whether the configuration keeps per-parameter state of its own (LookSAM, FriendlySAM)."""
+    return cfg.get("reuse") == "looksam" or cfg["cls"] is FriendlySAM or cfg.get("variant") == "friendly"
+
+
+def own_tensors(opt, param) -> dict:
+    """The optimizer's own per-parameter tensors (``sharpness_*`` keys): LookSAM's g_v, FriendlySAM's m."""
+    return {k: v for k, v in opt.state[param].items() if k.startswith(KEY_PREFIX) and torch.is_tensor(v)}
+
+
 def reuse_state(opt_s, params, opt_r, ref_params):
-    """LookSAM's stored g_v on the sharded run against the parameters' layout and the unsharded
-    run's g_v (the reference scales its loss by FSDP2's factor: the same g_v)."""
+    """The optimizer's own state (LookSAM's g_v, FriendlySAM's m) on the sharded run against the
+    parameters' layout and the unsharded run's (the reference scales its loss by FSDP2's factor:
+    the same g_v; m scales with the gradient, so it is compared after that factor)."""
     from torch.distributed.tensor import DTensor
 
     laid_out, rel = [], []
     for p, q in zip(params, ref_params):
-        gv, want = opt_s.state[p].get(REUSE_KEY), opt_r.state[q].get(REUSE_KEY)
-        if gv is None or want is None:
+        mine, theirs = own_tensors(opt_s, p), own_tensors(opt_r, q)
+        if not mine or mine.keys() != theirs.keys():
             return {"present": False}
-        laid_out.append(
-            isinstance(gv, DTensor) and gv.device_mesh == p.device_mesh and gv.placements == p.placements
-            and gv.to_local().shape == p.to_local().shape
-        )
-        rel.append(float((full(gv) - want).norm() / want.norm().clamp(min=1e-30)))
+        for key, got in mine.items():
+            want = theirs[key]
+            laid_out.append(
+                isinstance(got, DTensor) and got.device_mesh == p.device_mesh and got.placements == p.placements
+                and got.to_local().shape == p.to_local().shape
+            )
+            rel.append(float((full(got) - want).norm() / want.norm().clamp(min=1e-30)))
     return {"present": True, "dtensor_like_param": all(laid_out), "max_rel_diff": max(rel)}
 
 
@@ -269,7 +289,7 @@ def run_configs_placed(mesh):
             "replicated_bits": [bits(t) for t in rec.thresholds + rec.norms],
             "step_count": opt_s.step_count,
         }
-        if cfg.get("reuse") == "looksam":
+        if keeps_state(cfg):
             out[name]["reuse_state"] = reuse_state(opt_s, params, opt_r, list(ref.parameters()))
     return out
 
@@ -420,14 +440,14 @@ def resume_check(mesh, dp_rank, dp_size, tmp):
         out[name] = {"bitwise_equal": equal, "step_count_after_load": resumed_count, "step_count": opt.step_count,
                      "reuse_state_equal": resumed_gv.keys() == straight_gv.keys()
                      and all(torch.equal(resumed_gv[n], straight_gv[n]) for n in straight_gv)}
-        if cfg.get("reuse") == "looksam":  # the g_v tensors saved, and those the load put back
+        if keeps_state(cfg):  # the tensors of our own state saved, and those the load put back
             out[name]["reuse_state_entries"] = {"saved": saved_gv, "loaded": loaded_gv}
     return out
 
 
 def gathered_reuse_state(model, opt):
-    """LookSAM's g_v per parameter name, gathered (empty without LookSAM)."""
-    return {n: full(opt.state[p][REUSE_KEY]).clone() for n, p in model.named_parameters() if REUSE_KEY in opt.state[p]}
+    """The optimizer's own state tensors per parameter name and key, gathered (empty without)."""
+    return {f"{n}/{k}": full(v).clone() for n, p in model.named_parameters() for k, v in own_tensors(opt, p).items()}
 
 
 def overflow_checks(mesh, dp_rank, dp_size):

@@ -272,6 +272,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if closure is None:
             if self._is_state_initialisation():
                 self.base_optimizer.step()  # creates the base's state (momentum...); lr is 0
+                self._init_rule_state(OwnState(self.state))  # and ours, so that a load fills it
                 return None
             if self.is_sharpness_step() and not self._first_step_done:
                 raise RuntimeError(
@@ -409,6 +410,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self.engine.perturbed:
             raise RuntimeError("base_step() while the weights are perturbed: restore() first")
         state = OwnState(self.state)
+        self._init_rule_state(state)
         self._apply_rules(self._coming_step(), self._first_step_done, state)
         self._first_step_done = False
         self.step_count += 1
@@ -418,6 +420,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         with state.hidden():
             self.base_optimizer.step()
+
+    def _init_rule_state(self, state: OwnState) -> None:
+        """Each rule's state entries for the tensors of its perturbed groups (``rho > 0``), where
+        they are still missing (:meth:`zsharp_algos.rules.Rule.init_state`)."""
+        for rule in self.rules:
+            groups = [g for g in self.param_groups if rule.applies(g) and g[RHO_KEY] > 0]
+            if groups:
+                rule.init_state(groups, state)
 
     def _apply_rules(self, step: int, perturbed: bool, state: OwnState) -> None:
         """Each rule (:mod:`zsharp_algos.rules`) on its groups: after the sharpness step where

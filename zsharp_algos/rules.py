@@ -43,13 +43,14 @@ from .sharding import Shards, local, shards_of
 __all__ = [
     "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "Rule", "FriendlyMomentum",
     "LookSAMReuse", "GSAMUpdate",
-    "REUSE_KEY", "FRIENDLY_KEY",
+    "REUSE_KEY", "FRIENDLY_KEY", "STARTED_KEY",
 ]
 
 REUSE, REUSE_ALPHA = OPTIONS["reuse"].key, OPTIONS["reuse_alpha"].key
 VARIANT, ALPHA, LMBDA = OPTIONS["variant"].key, OPTIONS["alpha"].key, OPTIONS["lmbda"].key
-#: The optimizer-state key of FriendlySAM's ``m`` (shaped and sharded as the parameter).
-FRIENDLY_KEY = "sharpness_friendly_m"
+#: The optimizer-state key of FriendlySAM's ``m`` (shaped and sharded as the parameter), and of
+#: whether it has had its first update (``m = g``) yet.
+FRIENDLY_KEY, STARTED_KEY = "sharpness_friendly_m", "sharpness_friendly_started"
 #: The optimizer-state key of LookSAM's ``g_v`` (one tensor per parameter, shaped and sharded as it).
 REUSE_KEY = "sharpness_looksam_gv"
 
@@ -188,6 +189,11 @@ class Rule:
     def applies(group: dict) -> bool:
         raise NotImplementedError
 
+    def init_state(self, groups: Sequence[dict], state: OwnState) -> None:
+        """Give every tensor of ``groups`` the state entries of this rule, holding "nothing yet",
+        from the first base step on: ``torch.distributed.checkpoint`` loads only the entries a
+        fresh optimizer's state already has, so they must exist in every state it could save."""
+
     def after_sharpness_step(self, groups: Sequence[dict], state: OwnState, kept: FirstPassGradients) -> None:
         """Nothing, unless the rule says otherwise."""
 
@@ -217,6 +223,14 @@ class FriendlyMomentum(Rule):
     def applies(group: dict) -> bool:
         return group.get(VARIANT) == "friendly"  # the core SharpnessAwareOptimizer has no variant
 
+    def init_state(self, groups, state):
+        """``m`` zero, and ``sharpness_friendly_started`` False (a Python bool: read without
+        waiting for a device) until its first update."""
+        for p in (p for g in groups for p in g["params"] if p.requires_grad):
+            if FRIENDLY_KEY not in state[p]:
+                state.create(p, FRIENDLY_KEY)
+                state[p][STARTED_KEY] = False
+
     @torch.no_grad()
     def after_sharpness_step(self, groups, state, kept):
         """``m <- lmbda m + (1 - lmbda) g`` (``m = g`` on a tensor's first sharpness step)."""
@@ -224,10 +238,12 @@ class FriendlyMomentum(Rule):
         g = kept.of([local(p) for p, _ in tensors])
         if g is None:  # not perturbed this step
             return
-        fresh = [i for i, (p, _) in enumerate(tensors) if FRIENDLY_KEY not in state[p]]
-        new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]
+        fresh = [i for i, (p, _) in enumerate(tensors) if not state[p].get(STARTED_KEY)]
+        new = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in fresh]
         for _, (ms, gs) in group_by_device_dtype(new, [g[i] for i in fresh]):
             torch._foreach_copy_(ms, gs)
+        for i in fresh:
+            state[tensors[i][0]][STARTED_KEY] = True
         old = [i for i in range(len(tensors)) if i not in set(fresh)]
         for lmbda, mine in self._by_weight(tensors, old):
             ms = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in mine]
@@ -246,6 +262,13 @@ class LookSAMReuse(Rule):
     def applies(group: dict) -> bool:
         return group[REUSE] == "looksam"
 
+    def init_state(self, groups, state):
+        """``g_v`` zero: adding ``alpha ||g|| / ||g_v|| g_v`` is then adding nothing, as before the
+        first sharpness step."""
+        for p in (p for g in groups for p in g["params"] if p.requires_grad):
+            if REUSE_KEY not in state[p]:
+                state.create(p, REUSE_KEY)
+
     @torch.no_grad()
     def after_sharpness_step(self, groups, state, kept):
         """``g_v = g_s - (<g, g_s> / ||g||^2) g`` into the state, from ``.grad`` (``g_s``) and the
@@ -254,7 +277,7 @@ class LookSAMReuse(Rule):
         g = kept.of([local(p) for p in params])
         if not params or g is None:  # not perturbed this step (no gradient at the first pass)
             return
-        v = [local(state[p][REUSE_KEY]) if REUSE_KEY in state[p] else state.create(p, REUSE_KEY) for p in params]
+        v = [local(state[p][REUSE_KEY]) for p in params]
         g_s = [local(p.grad) for p in params]
         _, gg, dot = decompose(g_s, g, into=v, shards=shards_of(params))  # v <- g_s - g
         projection = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))
@@ -265,9 +288,9 @@ class LookSAMReuse(Rule):
 
     @torch.no_grad()
     def plain_step(self, groups, state):
-        """``g <- g + reuse_alpha * ||g|| / ||g_v|| * g_v`` in ``.grad``, for the tensors with a
-        stored ``g_v`` (none before the first sharpness step: plain ``g``)."""
-        tensors = [(p, a) for p, a in self._weighted(groups) if REUSE_KEY in state[p]]
+        """``g <- g + reuse_alpha * ||g|| / ||g_v|| * g_v`` in ``.grad`` (``g_v`` zero before the
+        first sharpness step: plain ``g``)."""
+        tensors = self._weighted(groups)
         if not tensors:
             return
         params = [p for p, _ in tensors]

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ._tensors import group_by_device_dtype
 from .options import OPTIONS
-from .rules import FRIENDLY_KEY
+from .rules import FRIENDLY_KEY, STARTED_KEY
 from .sharding import local
 
 __all__ = ["VARIANTS", "Variant", "Transform", "FriendlyTransform", "CentredTransform", "StateView",
@@ -111,6 +111,10 @@ class StateView:
         """Each tensor's ``key`` entry as this process holds it (None where absent)."""
         return [None if key not in self.state[p] else local(self.state[p][key]) for p in self.originals]
 
+    def flag(self, key: str) -> list[bool]:
+        """Each tensor's Python-bool entry ``key`` (False where absent)."""
+        return [bool(self.state[p].get(key, False)) for p in self.originals]
+
 
 class Transform:
     """Rewrites ``g`` into the direction, in place, before the direction's scaling."""
@@ -128,7 +132,8 @@ class FriendlyTransform(Transform):
 
     def __call__(self, params, grads, state):
         ms = state.get(FRIENDLY_KEY)
-        old = [i for i, m in enumerate(ms) if m is not None]
+        started = state.flag(STARTED_KEY)
+        old = [i for i, (m, s) in enumerate(zip(ms, started)) if m is not None and s]
         for _, (gs, m) in group_by_device_dtype([grads[i] for i in old], [ms[i] for i in old]):
             torch._foreach_add_(gs, m, alpha=-self.sigma)
 
