@@ -246,7 +246,7 @@ import sys
 import torch, torch.nn.functional as F
 from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel
-from zsharp_algos import SAM, ZSharp
+from zsharp_algos import GCSAM, GSAM, SAM, FriendlySAM, ZSharp
 from zsharp_algos.accelerate_loop import TwoPassBackward
 sys.path.insert(0, sys.argv[2])
 from two_pass_reference import mlp
@@ -256,7 +256,7 @@ saved = {"world": accelerator.num_processes}
 for name, cfg in json.loads(sys.argv[3]).items():
     model = mlp(bn=False)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    cls = {"sam": SAM, "zsharp": ZSharp}[cfg["optimizer"]]
+    cls = {"sam": SAM, "zsharp": ZSharp, "friendlysam": FriendlySAM, "gsam": GSAM, "gcsam": GCSAM}[cfg["optimizer"]]
     opt = cls(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), **cfg["options"])
     gen = torch.Generator().manual_seed(100 + accelerator.process_index)  # every rank its own batches
     seen = [[(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
@@ -300,6 +300,12 @@ DDP_RUNS = {
     "core_looksam_random": dict(driver="core", optimizer="sam", accumulate=1, steps=4,
                                 options=dict(rho=0.5, interval=2, interval_mode="random", interval_seed=10,
                                              reuse="looksam", reuse_alpha=0.7)),
+    # the SAM family: FriendlySAM's m and GSAM's step from each micro-batch's first pass, which
+    # they make all-reduced (first_pass_must_sync); GCSAM's keeps each rank's own
+    "friendlysam_accumulate2": dict(driver="accelerate", optimizer="friendlysam", accumulate=2, steps=3,
+                                    options=dict(rho=0.5)),
+    "gsam": dict(driver="accelerate", optimizer="gsam", accumulate=1, steps=3, options=dict(rho=0.5, alpha=0.3)),
+    "gcsam": dict(driver="accelerate", optimizer="gcsam", accumulate=1, steps=3, options=dict(rho=0.5)),
 }
 
 
@@ -387,6 +393,18 @@ def test_two_processes_with_looksam_and_random_intervals_end_bitwise_equal_and_m
         fixed = lambda t: (t + 1) % k == 0  # noqa: E731
         assert [drawn(t) for t in range(cfg["steps"])] != [fixed(t) for t in range(cfg["steps"])]
         assert apart(r0["final"], reference(fixed, alpha))
+
+
+@pytest.mark.parametrize("name", ["friendlysam_accumulate2", "gsam", "gcsam"])
+def test_two_processes_with_each_variant_end_bitwise_equal(two_processes, name):
+    """Replicas bitwise equal (weights, momentum, FriendlySAM's m) and trained: the weights moved."""
+    r0, r1 = (r[name] for r in two_processes)
+    assert r0["step_count"] == r1["step_count"] == DDP_RUNS[name]["steps"]
+    assert_same(r0["final"], r1["final"])
+    for a, b in zip(r0["state"], r1["state"]):
+        assert_same(a, b)
+    assert any((r0["final"][k] - r0["init"][k]).abs().max() > 0 for k in r0["init"])
+    assert all(("sharpness_friendly_m" in s) == (name == "friendlysam_accumulate2") for s in r0["state"])
 
 
 # --------------------------------------------------------------------------- the example script

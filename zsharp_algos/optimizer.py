@@ -410,7 +410,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self.engine.perturbed:
             raise RuntimeError("base_step() while the weights are perturbed: restore() first")
         state = OwnState(self.state)
-        self._init_rule_state(state)
         self._apply_rules(self._coming_step(), self._first_step_done, state)
         self._first_step_done = False
         self.step_count += 1
@@ -433,7 +432,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Each rule (:mod:`zsharp_algos.rules`) on its groups: after the sharpness step where
         the group was perturbed, on the plain step otherwise."""
         for rule in self.rules:
-            groups = [g for g in self.param_groups if rule.applies(g)]
+            groups = [g for g in self.param_groups if rule.applies(g) and g[RHO_KEY] > 0]  # rho 0: never perturbed
             if not groups:
                 continue
             sharp = [g for g in groups if perturbed and group_due(g, step)]

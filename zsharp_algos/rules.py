@@ -43,14 +43,13 @@ from .sharding import Shards, local, shards_of
 __all__ = [
     "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "Rule", "FriendlyMomentum",
     "LookSAMReuse", "GSAMUpdate",
-    "REUSE_KEY", "FRIENDLY_KEY", "STARTED_KEY",
+    "REUSE_KEY", "FRIENDLY_KEY",
 ]
 
 REUSE, REUSE_ALPHA = OPTIONS["reuse"].key, OPTIONS["reuse_alpha"].key
 VARIANT, ALPHA, LMBDA = OPTIONS["variant"].key, OPTIONS["alpha"].key, OPTIONS["lmbda"].key
-#: The optimizer-state key of FriendlySAM's ``m`` (shaped and sharded as the parameter), and of
-#: whether it has had its first update (``m = g``) yet.
-FRIENDLY_KEY, STARTED_KEY = "sharpness_friendly_m", "sharpness_friendly_started"
+#: The optimizer-state key of FriendlySAM's ``m`` (shaped and sharded as the parameter).
+FRIENDLY_KEY = "sharpness_friendly_m"
 #: The optimizer-state key of LookSAM's ``g_v`` (one tensor per parameter, shaped and sharded as it).
 REUSE_KEY = "sharpness_looksam_gv"
 
@@ -190,9 +189,10 @@ class Rule:
         raise NotImplementedError
 
     def init_state(self, groups: Sequence[dict], state: OwnState) -> None:
-        """Give every tensor of ``groups`` the state entries of this rule, holding "nothing yet",
-        from the first base step on: ``torch.distributed.checkpoint`` loads only the entries a
-        fresh optimizer's state already has, so they must exist in every state it could save."""
+        """Give every tensor of ``groups`` this rule's state entries, for
+        ``torch.distributed.checkpoint``'s state initialisation: a load fills only the entries a
+        fresh optimizer's state already has. (A rule creates its entries with the first base step,
+        so every state that can be saved has them.)"""
 
     def after_sharpness_step(self, groups: Sequence[dict], state: OwnState, kept: FirstPassGradients) -> None:
         """Nothing, unless the rule says otherwise."""
@@ -214,8 +214,11 @@ class Rule:
 
 
 class FriendlyMomentum(Rule):
-    """FriendlySAM's ``m`` update (module doc). Reads the kept ``g`` and leaves it for the rules
-    after it. Applies to the param groups with ``variant="friendly"``."""
+    """FriendlySAM's ``m`` (module doc), an EMA of the first-pass gradients of every step: with
+    the kept ``g`` after a sharpness step (read, and left for the rules after this one), with
+    the step's gradient after a plain one (its only pass). A tensor's first gradient is its
+    ``m``, so ``m`` exists from the first step on. Applies to the groups with
+    ``variant="friendly"``."""
 
     weight = LMBDA
 
@@ -224,26 +227,29 @@ class FriendlyMomentum(Rule):
         return group.get(VARIANT) == "friendly"  # the core SharpnessAwareOptimizer has no variant
 
     def init_state(self, groups, state):
-        """``m`` zero, and ``sharpness_friendly_started`` False (a Python bool: read without
-        waiting for a device) until its first update."""
+        """``m`` zero (the zero gradients of that step)."""
         for p in (p for g in groups for p in g["params"] if p.requires_grad):
             if FRIENDLY_KEY not in state[p]:
                 state.create(p, FRIENDLY_KEY)
-                state[p][STARTED_KEY] = False
 
     @torch.no_grad()
     def after_sharpness_step(self, groups, state, kept):
-        """``m <- lmbda m + (1 - lmbda) g`` (``m = g`` on a tensor's first sharpness step)."""
         tensors = self._weighted(groups)
         g = kept.of([local(p) for p, _ in tensors])
-        if g is None:  # not perturbed this step
-            return
-        fresh = [i for i, (p, _) in enumerate(tensors) if not state[p].get(STARTED_KEY)]
-        new = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in fresh]
+        if g is not None:  # perturbed this step
+            self._update(tensors, g, state)
+
+    @torch.no_grad()
+    def plain_step(self, groups, state):
+        tensors = self._weighted(groups)
+        self._update(tensors, [local(p.grad) for p, _ in tensors], state)
+
+    def _update(self, tensors, g, state):
+        """``m <- lmbda m + (1 - lmbda) g``, and ``m = g`` for a tensor without one yet."""
+        fresh = [i for i, (p, _) in enumerate(tensors) if FRIENDLY_KEY not in state[p]]
+        new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]
         for _, (ms, gs) in group_by_device_dtype(new, [g[i] for i in fresh]):
             torch._foreach_copy_(ms, gs)
-        for i in fresh:
-            state[tensors[i][0]][STARTED_KEY] = True
         old = [i for i in range(len(tensors)) if i not in set(fresh)]
         for lmbda, mine in self._by_weight(tensors, old):
             ms = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in mine]
@@ -269,6 +275,11 @@ class LookSAMReuse(Rule):
             if REUSE_KEY not in state[p]:
                 state.create(p, REUSE_KEY)
 
+    @staticmethod
+    def _g_v(params, state) -> list[Tensor]:
+        """Each tensor's ``g_v``, zero where it has none yet (created with the first base step)."""
+        return [local(state[p][REUSE_KEY]) if REUSE_KEY in state[p] else state.create(p, REUSE_KEY) for p in params]
+
     @torch.no_grad()
     def after_sharpness_step(self, groups, state, kept):
         """``g_v = g_s - (<g, g_s> / ||g||^2) g`` into the state, from ``.grad`` (``g_s``) and the
@@ -277,7 +288,7 @@ class LookSAMReuse(Rule):
         g = kept.of([local(p) for p in params])
         if not params or g is None:  # not perturbed this step (no gradient at the first pass)
             return
-        v = [local(state[p][REUSE_KEY]) for p in params]
+        v = self._g_v(params, state)
         g_s = [local(p.grad) for p in params]
         _, gg, dot = decompose(g_s, g, into=v, shards=shards_of(params))  # v <- g_s - g
         projection = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))
@@ -295,7 +306,7 @@ class LookSAMReuse(Rule):
             return
         params = [p for p, _ in tensors]
         g = [local(p.grad) for p in params]
-        v = [local(state[p][REUSE_KEY]) for p in params]
+        v = self._g_v(params, state)
         gg, vv = squared_norms(g, v, shards=shards_of(params)).unbind()
         ratio = torch.where(vv > 0, (gg / vv).sqrt(), torch.zeros_like(gg))  # g_v = 0: nothing to add
         for alpha, mine in self._by_weight(tensors):

@@ -20,12 +20,14 @@ A variant changes one or both ends of the sharpness step:
 =============  =====================================================  ===================================
 
 * FriendlySAM: ``m`` is an exponential moving average of past first-pass gradients, updated
-  after the direction is formed, ``m <- lmbda m + (1 - lmbda) g``, with the raw ``g``; on a
-  tensor's first sharpness step ``m = g`` and ``d = g`` (the authors' code). ``m`` lives in the
-  optimizer state (``sharpness_friendly_m``), shaped and sharded as the parameter. The transform
-  only reads it; the update is a rule (:class:`zsharp_algos.rules.FriendlyMomentum`) run with the
-  base step, from the first pass's gradient kept through the step, so that a step skipped after
-  the perturbation (an fp16 overflow in the second pass) leaves ``m`` exactly as it was.
+  after the direction is formed, ``m <- lmbda m + (1 - lmbda) g``, with the raw ``g``; a tensor's
+  first gradient is its ``m``, so on the first sharpness step ``d = g`` (the authors' code, which
+  has no plain steps; here the plain steps of ``interval > 1`` update ``m`` with their gradient
+  too: it is a first pass). ``m`` lives in the optimizer state (``sharpness_friendly_m``), shaped
+  and sharded as the parameter. The transform only reads it; the update is a rule
+  (:class:`zsharp_algos.rules.FriendlyMomentum`) run with the base step, from the first pass's
+  gradient kept through the step, so that a step skipped after the perturbation (an fp16
+  overflow in the second pass) leaves ``m`` exactly as it was.
 * GSAM: ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s``, the part of the first gradient orthogonal to
   the second (inner products over all tensors of the ``gsam`` groups); its rho schedule tied to
   the learning rate is the user's (``rho`` is a param-group option).
@@ -51,7 +53,7 @@ from torch import Tensor
 
 from ._tensors import group_by_device_dtype
 from .options import OPTIONS
-from .rules import FRIENDLY_KEY, STARTED_KEY
+from .rules import FRIENDLY_KEY
 from .sharding import local
 
 __all__ = ["VARIANTS", "Variant", "Transform", "FriendlyTransform", "CentredTransform", "StateView",
@@ -111,10 +113,6 @@ class StateView:
         """Each tensor's ``key`` entry as this process holds it (None where absent)."""
         return [None if key not in self.state[p] else local(self.state[p][key]) for p in self.originals]
 
-    def flag(self, key: str) -> list[bool]:
-        """Each tensor's Python-bool entry ``key`` (False where absent)."""
-        return [bool(self.state[p].get(key, False)) for p in self.originals]
-
 
 class Transform:
     """Rewrites ``g`` into the direction, in place, before the direction's scaling."""
@@ -132,8 +130,7 @@ class FriendlyTransform(Transform):
 
     def __call__(self, params, grads, state):
         ms = state.get(FRIENDLY_KEY)
-        started = state.flag(STARTED_KEY)
-        old = [i for i, (m, s) in enumerate(zip(ms, started)) if m is not None and s]
+        old = [i for i, m in enumerate(ms) if m is not None]
         for _, (gs, m) in group_by_device_dtype([grads[i] for i in old], [ms[i] for i in old]):
             torch._foreach_add_(gs, m, alpha=-self.sigma)
 
