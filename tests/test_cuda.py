@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from zsharp_algos import SAM, ClosureGradScaler, ZSharp, order_stats
+from zsharp_algos import GCSAM, GSAM, SAM, ClosureGradScaler, FriendlySAM, ZSharp, order_stats
 from zsharp_algos.batchnorm import frozen_norm_stats
 
 if torch.cuda.is_available():
@@ -47,6 +47,12 @@ KINDS = {
     "zsharp_tensor": (ZSharp, {"scope": "tensor"}),
     "zsharp_tensor_adaptive": (ZSharp, {"rho": 0.5, "scope": "tensor", "adaptive": True}),
     "zsharp_p95_tensor": (ZSharp, {"percentile": 95, "scope": "tensor"}),
+    # the SAM family and the cheaper modes: their rules and state on the device, no host read
+    "friendlysam": (FriendlySAM, {}),
+    "gsam": (GSAM, {}),
+    "gcsam": (GCSAM, {}),
+    "zsharp_friendly": (ZSharp, {"variant": "friendly"}),
+    "zsharp_looksam": (ZSharp, {"reuse": "looksam"}),  # random intervals decide on the host: nothing to add
 }
 MAIN_KINDS = ["sam", "zsharp_global", "zsharp_tensor"]
 
