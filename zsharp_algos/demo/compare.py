@@ -306,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm_up(init, data, args.batch_size, dtype)
         for name in args.optimizers:
             runs.append(train_run(copy.deepcopy(init), name, data, args, seed, dtype, progress))
+            if args.no_progress:  # no bars: a line a run, so a long comparison shows where it is
+                last = runs[-1]["epochs"][-1]
+                print(f"[{len(runs)}/{len(args.seeds) * len(args.optimizers)}] seed {seed} {name}: test accuracy "
+                      f"{100 * last['test_acc']:.1f}% after {runs[-1]['wall_time_s']:.0f} s", flush=True)
 
     summary = report.summarize(runs, args.optimizers)
     settings = dict(vars(args), model_kwarg=model_kwargs, device=str(device))
