@@ -110,29 +110,37 @@ def minor_faults() -> int:
 
 
 def interleaved_medians(
-    units: dict[str, Callable[[], int]], rounds: int, warmup: int, device, faults: dict[str, float] | None = None
+    units: dict[str, Callable[[], int]], rounds: int, warmup: int, device, faults: dict[str, float] | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Run every unit once per round, in rotating order so drift and noise hit all alike; each
     unit returns how many steps it took. A unit with a ``prepare`` attribute has it called,
     untimed, right before each run. Returns the median seconds per step of each unit; with
-    ``faults``, fills it with the median minor page faults per step of each unit."""
+    ``faults``, fills it with the median minor page faults per step of each unit; with ``cpu``,
+    with the median CPU seconds per step of this process (``time.process_time``: on a machine
+    shared with other work, what a single-threaded step costs without the waits for a core)."""
     names = list(units)
     samples: dict[str, list[float]] = {n: [] for n in names}
     fault_samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu_samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             getattr(units[name], "prepare", lambda: None)()
             sync(device)
             before = minor_faults()
+            cpu_start = time.process_time()
             start = time.perf_counter()
             steps = units[name]()
             sync(device)
             if r >= warmup:
                 samples[name].append((time.perf_counter() - start) / steps)
+                cpu_samples[name].append((time.process_time() - cpu_start) / steps)
                 fault_samples[name].append((minor_faults() - before) / steps)
     if faults is not None:
         faults.update({n: statistics.median(s) for n, s in fault_samples.items()})
+    if cpu is not None:
+        cpu.update({n: statistics.median(s) for n, s in cpu_samples.items()})
     return {n: statistics.median(s) for n, s in samples.items()}
 
 

@@ -1,5 +1,6 @@
 """``make bench``: run every benchmark on the CPU (and CUDA when present), then chart the JSON.
-The dispatch counts (``dispatch_count.py``: ops per ZSharp step, device-independent) come first.
+The dispatch counts (``dispatch_count.py``: ops per ZSharp step, device-independent) come first;
+the accuracy-against-cost grid (``efficiency.py``: trainings, CPU only) comes last.
 
     python benchmarks/run_all.py [--out results/bench] [--quick]
 """
@@ -128,6 +129,8 @@ def main() -> None:
             run("step_cost.py", *common, "--models", "vit_base_224", "--warmup", "1", *sized)
         subjects = ["--subjects", "resnet18"] if args.quick else []
         run("filter_scaling.py", *common, *subjects, *quick)
+    # training runs, deterministic per seed on the CPU: the accuracy side needs no GPU
+    run("efficiency.py", "--out", args.out, *(["--quick"] if args.quick else []))
     for path in chart(Path(args.out)):
         print("chart:", path)
 
