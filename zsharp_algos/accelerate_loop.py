@@ -61,7 +61,7 @@ from .two_pass import two_pass_backward
 
 __all__ = ["TwoPassBackward", "mean_over_processes", "UNSUPPORTED_DISTRIBUTED_TYPES"]
 
-#: accelerate modes refused outright (FSDP is accepted as FSDP2 only: :func:`unsupported_setup`).
+#: accelerate modes refused outright; FSDP is accepted as FSDP2 only (``unsupported_setup()``).
 UNSUPPORTED_DISTRIBUTED_TYPES = ("DEEPSPEED", "MEGATRON_LM", "XLA")
 
 FSDP2_HINT = (

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 __all__ = ["EntryPoint", "ENTRY_POINTS", "NEEDS_TWO_PASSES", "entry_point"]
 
-#: Option values an entry point with one pass a step cannot run: they step with the first
-#: pass's gradient and the second's together.
+#: Option values an entry point with one pass a step cannot run, since they step with the
+#: first pass's gradient and the second's together.
 NEEDS_TWO_PASSES: dict[str, tuple[Any, ...]] = {
     "reuse": ("looksam",),
     "variant": ("friendly", "gsam"),  # their rules run with the base step, from the kept first pass
@@ -58,6 +58,8 @@ class EntryPoint:
             )
 
 
+#: Every entry point's record by name (``core``, ``composer``, ``hf-trainer``, ``hf-callback``,
+#: ``accelerate``, ``lightning``).
 ENTRY_POINTS: dict[str, EntryPoint] = {
     e.name: e
     for e in (
@@ -100,4 +102,5 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 
 
 def entry_point(name: str) -> EntryPoint:
+    """The record of entry point ``name`` (a key of :data:`ENTRY_POINTS`)."""
     return ENTRY_POINTS[name]

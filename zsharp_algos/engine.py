@@ -9,7 +9,7 @@ For the tensors of the groups due at step ``t`` (``rho > 0`` and due by their in
 
 and :meth:`PerturbationEngine.restore` puts every ``w`` back bitwise. ``e`` is formed in the
 gradients' memory (they are not needed afterwards: the second pass recomputes them). The formula
-lives here once; SAM, ZSharp and any future variant differ only in their :class:`Direction`.
+lives here once; SAM, ZSharp and any future variant differ only in their :class:`~zsharp_algos.directions.Direction`.
 
 Tensors whose groups share the direction's options (ZSharp's ``percentile`` and ``scope``) form
 one *pool*: thresholds and norms are computed over the pool, so the usual split into a
@@ -62,13 +62,16 @@ class PerturbationEngine:
         owner: the optimizer whose ``param_groups`` (with the option keys ``sharpness_rho``,
             ``sharpness_interval``, ``sharpness_adaptive``, ``sharpness_perturb_eps`` and the
             direction's own) say what to perturb.
-        direction: ``direction(**options)`` builds the :class:`Direction` for a pool, given the
+        direction: ``direction(**options)`` builds the :class:`~zsharp_algos.directions.Direction` for a pool, given the
             values of ``direction_options`` its groups share.
         direction_options: names of the options the direction takes.
         options: the :class:`~zsharp_algos.options.GroupOptions` that checks the groups' values
             each time they are read (a value set mid-run is checked before it is used).
         record_stats: record :mod:`statistics <zsharp_algos.stats>` of every ``e`` into
             :attr:`stats` (a few multi-tensor reductions per perturbation; no host sync).
+
+    Attributes:
+        stats: the :class:`~zsharp_algos.SharpnessStats` the perturbations are recorded into.
     """
 
     def __init__(
@@ -108,9 +111,12 @@ class PerturbationEngine:
         return self.placement.active
 
     def trainable(self) -> list[Tensor]:
+        """The parameters of every param group that require a gradient."""
         return [p for g in self.owner.param_groups for p in g["params"] if p.requires_grad]
 
     def direction_for(self, group: dict) -> Direction:
+        """The direction for ``group``'s options: one per distinct set of the options a
+        direction reads, made on first use."""
         key = tuple(group[k] for k in self._direction_keys)
         if key not in self._directions:
             self._directions[key] = self._make_direction(**dict(zip(self._direction_options, key)))

@@ -47,6 +47,10 @@ class ClosureGradScaler:
         backoff_factor: scale multiplier after a step with inf/NaN gradients in any pass.
         growth_interval: overflow-free steps between growths.
         enabled: if False every method is a pass-through (so one code path serves fp32/bf16).
+
+    Attributes:
+        skipped_steps: steps skipped for inf/NaN gradients in either pass (saved in
+            :meth:`state_dict`).
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class ClosureGradScaler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self._init_scale = float(state["scale"])
         self._init_growth_tracker = int(state["growth_tracker"])
         self.growth_factor = float(state["growth_factor"])

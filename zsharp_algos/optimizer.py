@@ -117,7 +117,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     Attributes:
         step_count: base steps taken (skipped steps not counted); saved in ``state_dict``.
         skipped_steps: steps skipped through :class:`SkipStep` (overflow), also saved.
-        stats: the :class:`~zsharp_algos.stats.SharpnessStats` recorded so far.
     """
 
     #: The options this optimizer takes (param-group keys), in :mod:`zsharp_algos.options`.
@@ -215,6 +214,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @property
     def stats(self):
+        """The ``sharpness/*`` statistics recorded so far (:class:`~zsharp_algos.SharpnessStats`):
+        ``opt.stats.pop()`` reads and resets them."""
         return self.engine.stats
 
     def record_loss_gap(self, first: Any, second: Any) -> None:
@@ -242,8 +243,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @property
     def first_pass_must_sync(self) -> bool:
-        """Whether the first pass's gradient must be the same on every data-parallel rank: a
-        rule steps with it (LookSAM's ``g_v``), and ranks that used their own would drift apart.
+        """Whether the first pass's gradient must be the same on every data-parallel rank (a
+        rule steps with it, LookSAM's ``g_v``, and ranks that used their own would drift apart).
         Integrations that skip the first pass's all-reduce (Composer, Lightning, the HF Trainer,
         accelerate) run it synchronised then."""
         return any(
@@ -333,7 +334,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}.step(closure) found gradients already computed: our closure runs a whole pass "
             "(zero_grad, forward, backward) and step() calls it twice, so a backward before step(closure), as in "
             "loops written for other SAM implementations, costs a third forward and backward. Drop it and call "
-            "opt.zero_grad() at the top of the closure (README, 'Coming from other SAM code')",
+            "opt.zero_grad() at the top of the closure (docs/loop.md, 'Coming from other SAM code')",
             UserWarning,
             stacklevel=3,
         )
@@ -649,7 +650,7 @@ class ZSharp(SharpnessAwareOptimizer):
     significant layer-wise z-scores.
 
     Args:
-        percentile: in (0, 100), default 70: the share (a percent) of entries whose |z| falls
+        percentile: in (0, 100), default 70: the share (a percent) of entries whose ``|z|`` falls
             below the cut.
         scope: ``"global"`` (default; one threshold over all tensors, then SAM's global-norm
             scaling, as the bangyen/zsharp reproduction) or ``"tensor"`` (the paper's official
@@ -660,7 +661,8 @@ class ZSharp(SharpnessAwareOptimizer):
             ``"friendly"`` (FriendlySAM's ``g - sigma m``, with ``sigma``, ``lmbda``),
             ``"gcsam"`` (the centred gradient), ``"gsam"`` (ZSharp's perturbation, GSAM's step,
             with ``alpha``); ``adaptive=True`` is ASAM's scaling.
-        other arguments: as :class:`SharpnessAwareOptimizer`.
+
+    The other arguments are :class:`SharpnessAwareOptimizer`'s.
 
     Groups sharing ``percentile``, ``scope`` and the variant's direction are filtered together
     (one threshold over all of them in the global scope). ZSharp's thresholds are over tensors
@@ -690,7 +692,8 @@ class FriendlySAM(SAM):
     Args:
         sigma: the weight of ``m``, default 1.0 (the authors').
         lmbda: the decay of ``m``, default 0.9 (the authors').
-        other arguments: as :class:`SharpnessAwareOptimizer`.
+
+    The other arguments are :class:`SharpnessAwareOptimizer`'s.
     """
 
     options = SAM_OPTIONS + (fixed_variant("friendly"), OPTIONS["sigma"], OPTIONS["lmbda"])
@@ -706,7 +709,8 @@ class GSAM(SAM):
 
     Args:
         alpha: the weight of ``g_perp``, default 0.2 (GSAM's official PyTorch example).
-        other arguments: as :class:`SharpnessAwareOptimizer`.
+
+    The other arguments are :class:`SharpnessAwareOptimizer`'s.
     """
 
     options = SAM_OPTIONS + (fixed_variant("gsam"), OPTIONS["alpha"])

@@ -394,7 +394,7 @@ def cli_values(args: Any, allowed: Iterable[Option]) -> dict[str, Any]:
 
 class TakesOptions:
     """Mixin for framework objects configured with an optimizer's options (Composer algorithms,
-    Lightning callbacks): :meth:`_take_options` checks them against ``optimizer_cls.options``
+    Lightning callbacks): ``_take_options`` checks them against ``optimizer_cls.options``
     and fills the defaults, ``obj.rho`` reads them, and the class signature (``help()``, IDEs)
     lists them, followed by the class's own ``extra_parameters``."""
 

@@ -111,6 +111,7 @@ class WorkBuffer:
 
     @property
     def nbytes(self) -> int:
+        """The bytes the buffer holds now, over every device and dtype."""
         return sum(f.numel() * f.element_size() for f in self._flat.values())
 
 

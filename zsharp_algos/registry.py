@@ -47,17 +47,20 @@ class OptimizerInfo:
 
     @property
     def options(self) -> tuple[Option, ...]:
+        """Every option of its class, those the class fixes included."""
         return self.cls.options
 
     @property
     def option_names(self) -> tuple[str, ...]:
-        """The options it takes as keywords (not those its class fixes: FriendlySAM's variant)."""
+        """The options it takes as keywords, not those its class fixes (FriendlySAM's variant)."""
         return tuple(o.name for o in self.cls.options if o.keyword)
 
     def accepts(self, option: str) -> bool:
+        """Whether it takes ``option`` as a keyword (one of :attr:`option_names`)."""
         return option in self.option_names
 
 
+#: The sharpness-aware optimizers by name (filled by :func:`register_optimizer`).
 SHARPNESS_OPTIMIZERS: dict[str, OptimizerInfo] = {}
 
 
@@ -76,6 +79,8 @@ register_optimizer("gcsam", GCSAM, "GCSAM (Hassan et al., 2025): perturb along t
 
 
 def list_optimizers() -> list[str]:
+    """The names :func:`create_optimizer` takes: the sharpness-aware optimizers, then the base
+    optimizers, each sorted."""
     return sorted(SHARPNESS_OPTIMIZERS) + sorted(BASE_OPTIMIZERS)
 
 
@@ -99,6 +104,7 @@ def optimizer_info(name: str) -> OptimizerInfo:
 
 
 def is_sharpness_optimizer(name) -> bool:
+    """Whether ``name`` names a registered sharpness-aware optimizer (case-insensitive)."""
     return isinstance(name, str) and name.lower() in SHARPNESS_OPTIMIZERS
 
 

@@ -11,9 +11,10 @@ may change that gradient right before the base step, using the first pass's grad
   orthogonal to ``g``, ``g_v = g_s - (<g, g_s> / ||g||^2) g``, and steps with ``g_s``; on a plain
   step it steps with ``g + reuse_alpha * ||g|| / ||g_v|| * g_v`` (one forward/backward pass, a
   few multi-tensor kernels), and with ``g`` before the first sharpness step.
-* **FriendlySAM's momentum** (Li et al., CVPR 2024), ``variant="friendly"``: after a sharpness
-  step, ``m <- lmbda m + (1 - lmbda) g`` (``m = g`` the first time), the EMA its direction
-  ``g - sigma m`` reads (:mod:`zsharp_algos.variants`); plain steps leave ``m`` alone.
+* **FriendlySAM's momentum** (Li et al., CVPR 2024), ``variant="friendly"``: after every step,
+  ``m <- lmbda m + (1 - lmbda) g`` with the step's first-pass gradient (the kept ``g`` after a
+  sharpness step, the plain gradient after a plain one; ``m = g`` for a tensor's first
+  gradient), the EMA its direction ``g - sigma m`` reads (:mod:`zsharp_algos.variants`).
 * **GSAM** (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization"),
   ``variant="gsam"``: on a sharpness step it steps with ``g_s - alpha * g_perp``, where
   ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s`` is the part of ``g`` orthogonal to ``g_s``; plain
@@ -122,6 +123,7 @@ class FirstPassGradients:
         return None if any(v is None for v in views) else views
 
     def clear(self) -> None:
+        """Forget every kept gradient."""
         self._kept = {}
 
 
@@ -186,6 +188,7 @@ class Rule:
 
     @staticmethod
     def applies(group: dict) -> bool:
+        """Whether the rule applies to param group ``group`` (read from its options)."""
         raise NotImplementedError
 
     def init_state(self, groups: Sequence[dict], state: OwnState) -> None:

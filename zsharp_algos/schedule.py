@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["MODES", "sharpness_due", "uniform"]
 
+#: The values of ``interval_mode``.
 MODES = ("fixed", "random")
 _MASK = (1 << 64) - 1
 

@@ -10,10 +10,10 @@ model is completed across the shard group:
 * norms (SAM's global norm, ZSharp's per-tensor norms): squared shard norms, summed;
 * ZSharp's per-tensor mean and std: the segment sums of the two-pass statistics, summed;
 * ZSharp's thresholds: each radix round's histogram of every tensor, summed (integer counts:
-  exact), and the successor and largest-|z| searches, a minimum and a maximum;
+  exact), and the successor and largest-``|z|`` searches, a minimum and a maximum;
 * the logged :mod:`statistics <zsharp_algos.stats>`: one sum of three numbers.
 
-So the thresholds are the exact order statistics of the whole model's |z| (not a shard's), a
+So the thresholds are the exact order statistics of the whole model's ``|z|`` (not a shard's), a
 tensor's keep-nothing fallback is decided on the whole tensor, and every rank perturbs its own
 shard by the same rule. About a dozen collectives per step, whatever the number of tensors;
 each is a device op (no host sync). Results that are replicated (norms, thresholds) are the
@@ -85,11 +85,13 @@ class Shards:
         return self._reduce(t, dist.ReduceOp.SUM)
 
     def max_(self, t: Tensor) -> Tensor:
+        """All-reduce ``t`` in place with a maximum."""
         import torch.distributed as dist
 
         return self._reduce(t, dist.ReduceOp.MAX)
 
     def min_(self, t: Tensor) -> Tensor:
+        """All-reduce ``t`` in place with a minimum."""
         import torch.distributed as dist
 
         return self._reduce(t, dist.ReduceOp.MIN)

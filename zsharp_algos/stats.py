@@ -15,7 +15,7 @@ passes over the gradients:
   keeps: 1 for SAM and its variants, the share ZSharp's mask keeps, about
   ``1 - percentile/100``. Far from that where many gradient entries tie, typically exact zeros:
   timm initialises the last BatchNorm of each residual block to zero, so early in training
-  most entries of those blocks' gradients are 0, their |z| all equal, and a threshold that falls
+  most entries of those blocks' gradients are 0, their ``|z|`` all equal, and a threshold that falls
   among those ties keeps them all (``|z| >= threshold``), though ``e`` moves none of them;
 * ``sharpness/loss_gap``: ``L(w + e) - L(w)`` from the two passes, the usual estimate of sharpness,
   per optimizer step (summed over micro-batches), in the units of the loss the trainer logs.
@@ -34,7 +34,9 @@ from .order_stats import reads_host
 
 __all__ = ["SharpnessStats", "PREFIX", "NAMES", "squared_norm", "nonzero_count"]
 
+#: The prefix of every statistic's name.
 PREFIX = "sharpness/"
+#: The statistics, without the prefix (``sharpness/grad_norm``, ...).
 NAMES = ("grad_norm", "perturbation_norm", "perturbed_fraction", "loss_gap")
 
 

@@ -9,15 +9,15 @@ A variant changes one or both ends of the sharpness step:
 * its **update rule** (:mod:`zsharp_algos.rules`) changes the gradient the base optimizer steps
   with after the second pass.
 
-=============  =====================================================  ===================================
-``variant``    direction                                              step with
-=============  =====================================================  ===================================
-``"none"``     ``d = g``                                              ``g_s``
-``"friendly"`` FriendlySAM (Li et al., CVPR 2024): ``d = g - sigma m``  ``g_s``
-``"gsam"``     ``d = g`` (GSAM, Zhuang et al., ICLR 2022)              ``g_s - alpha g_perp``
-``"gcsam"``    GCSAM (Hassan et al., 2025): ``g`` centred per output   ``g_s``
-               channel
-=============  =====================================================  ===================================
+==============  ========================================================  ========================
+``variant``     direction                                                 step with
+==============  ========================================================  ========================
+``"none"``      ``d = g``                                                 ``g_s``
+``"friendly"``  FriendlySAM (Li et al., CVPR 2024): ``d = g - sigma m``   ``g_s``
+``"gsam"``      ``d = g`` (GSAM, Zhuang et al., ICLR 2022)                ``g_s - alpha g_perp``
+``"gcsam"``     GCSAM (Hassan et al., 2025): ``g`` centred per output     ``g_s``
+                channel
+==============  ========================================================  ========================
 
 * FriendlySAM: ``m`` is an exponential moving average of past first-pass gradients, updated
   after the direction is formed, ``m <- lmbda m + (1 - lmbda) g``, with the raw ``g``; a tensor's
@@ -73,6 +73,7 @@ class Variant:
     update_rule: bool = False  # steps with both passes' gradients (a rule after the second pass)
 
 
+#: Every variant's record by its ``variant`` value.
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (

@@ -29,14 +29,14 @@ __all__ = ["TrainerClosureMixin", "ComposerSAM", "ComposerZSharp"]
 
 
 class TrainerClosureMixin:
-    """Adapts :meth:`SharpnessAwareOptimizer.step` to Composer's trainer closure.
+    """Adapts :meth:`~zsharp_algos.SharpnessAwareOptimizer.step` to Composer's trainer closure.
 
     Args (on top of the core optimizer's):
         sync_first_pass: all-reduce the first pass's gradients across ranks on sharpness
             steps. Default False: each rank perturbs its weights along its own gradient
             (Composer's behaviour: one all-reduce less; the second pass is always synced, so the
             ranks' base steps, and weights, stay identical). Always synced where a rule steps
-            with the first pass's gradient (``reuse="looksam"``: :attr:`first_pass_must_sync`).
+            with the first pass's gradient (``reuse="looksam"``: :attr:`~zsharp_algos.SharpnessAwareOptimizer.first_pass_must_sync`).
         second_pass_context: context-manager factory entered around the second pass, on top of
             the core's frozen normalisation statistics (the algorithm keeps the perturbed pass
             out of the training metrics with it).

@@ -12,13 +12,16 @@ takes about 4 minutes on a 2-core CPU::
 
 Writes ``results.json`` (settings, versions, machine, per-seed per-epoch curves, summary) and
 ``curves.png`` to ``--out`` and prints a table of final test accuracy, test loss, wall time
-and time per step relative to SGD (mean ± std over seeds).
+and time per step relative to SGD (mean ± std over seeds; on the CPU also the process's CPU time
+per step, which other jobs on the machine do not inflate), then the machine's load during the
+runs.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import copy
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -206,8 +209,11 @@ def train_run(
     progress: Callable[..., Any],
 ) -> dict[str, Any]:
     """Train ``model`` (already on the data's device) for ``args.epochs`` epochs with a cosine
-    learning-rate decay; the batch order is fixed by ``seed``. Returns the run's record."""
+    learning-rate decay; the batch order is fixed by ``seed``. Returns the run's record: the
+    curves, and the wall and process CPU time of the training steps with the machine's load
+    average before and after."""
     start = time.perf_counter()
+    load_before = report.load_average()
     torch.manual_seed(seed)  # anything random inside the model (dropout, drop-path)
     optimizer = make_optimizer(optimizer_name, model, args)
     scaler = ClosureGradScaler(enabled=dtype == torch.float16)
@@ -215,11 +221,11 @@ def train_run(
     steps_per_epoch = _steps_per_epoch(len(data.train_y), args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     device = data.train_x.device
-    epochs, train_time = [], 0.0
+    epochs, train_time, train_cpu = [], 0.0, 0.0
     bar = progress(total=args.epochs * steps_per_epoch, desc=f"seed {seed} {optimizer_name}", unit="step")
     for epoch in range(1, args.epochs + 1):
         model.train()
-        epoch_start = time.perf_counter()
+        epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
         loss_sum, done = torch.zeros((), device=device), 0
         for idx in _batches(len(data.train_y), args.batch_size, gen):
             idx = idx.to(device)
@@ -242,6 +248,7 @@ def train_run(
         train_loss = loss_sum.item() / max(done, 1)  # .item() waits for the device: timing is honest
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
+        train_cpu += time.process_time() - epoch_cpu
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, dtype)
         epochs.append({
             "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
@@ -257,6 +264,11 @@ def train_run(
         "skipped_steps": scaler.skipped_steps,
         "train_time_s": train_time,
         "step_time_s": train_time / (args.epochs * steps_per_epoch),
+        # the CPU time of this process (every thread): what other jobs on the machine do not
+        # inflate, unlike the wall time; on an accelerator it misses the device's work
+        "train_cpu_time_s": train_cpu,
+        "step_cpu_time_s": train_cpu / (args.epochs * steps_per_epoch),
+        "load_average": [load_before, report.load_average()],  # 1-minute, before and after; None where unknown
         "wall_time_s": time.perf_counter() - start,
     }
 
@@ -316,9 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_json(out / "results.json", {
         "settings": settings, **report.environment(device), "runs": runs, "summary": summary,
     })
-    title = f"{args.model} on {args.data}, {100 * args.label_noise:.0f}% label noise, {len(args.seeds)} seed(s)"
-    report.plot_curves(runs, args.optimizers, out / "curves.png", title=title)
-    print(f"\n{title}: final epoch, mean ± std over seeds\n{report.format_table(summary)}")
+    title = report.title(args.model, args.data, args.label_noise, len(args.seeds))
+    report.plot_curves(runs, args.optimizers, out / "curves.png", title=title,
+                       caption=report.caption(args.label_noise, args.optimizers))
+    spread = "mean ± std over seeds" if len(args.seeds) > 1 else "one seed"
+    print(f"\n{title}: final epoch, {spread}\n{report.format_table(summary, cpu_time=device.type == 'cpu')}")
+    print(report.load_note(runs, os.cpu_count()))
     print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
     return 0
 

@@ -54,13 +54,15 @@ __all__ = [
     "FSDP2_HINT",
 ]
 
-#: transformers' ``OptimizerNames`` plus ``sam`` and ``zsharp`` (a str enum, so members compare
-#: equal to their values and to transformers' own members).
 SharpnessOptimizerNames = ExplicitEnum(
     "SharpnessOptimizerNames",
     [(m.name, m.value) for m in OptimizerNames] + [(name.upper(), name) for name in SHARPNESS_OPTIMIZERS],
     module=__name__,
 )
+# The functional enum API takes no docstring: it is set here.
+SharpnessOptimizerNames.__doc__ = """transformers' ``OptimizerNames`` plus the sharpness-aware optimizers of
+:data:`zsharp_algos.registry.SHARPNESS_OPTIMIZERS` (``sam``, ``zsharp``, ...): the values ``--optim`` takes. A str
+enum, so members compare equal to their values and to transformers' own members."""
 
 def _refuse_in_the_stock_trainer(name: str):
     def handler(ctx: Any):

@@ -75,6 +75,8 @@ class SharpnessCallback(TrainerCallback):
 
     @property
     def stats(self):
+        """The perturbation's ``sharpness/*`` statistics (:class:`~zsharp_algos.SharpnessStats`),
+        None before training starts."""
         return self.engine.stats if self.engine is not None else None
 
     # -------------------------------------------------------------- set-up

@@ -79,6 +79,8 @@ class TwoPassTrainerMixin:
         return HFTrainer.get_optimizer_cls_and_kwargs(base_optimizer_args(args), model)
 
     def create_optimizer(self, model=None):
+        """transformers' optimizer, wrapped in the sharpness-aware optimizer ``--optim`` names
+        (its interval following ``state.global_step``); the stock one for any other ``--optim``."""
         wrap = self.optimizer is None and is_sharpness_optim(self.args)
         # transformers < 5 has no `model` argument here
         optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
@@ -90,6 +92,8 @@ class TwoPassTrainerMixin:
 
     # -------------------------------------------------------------- the step
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock ``training_step``, run twice on a sharpness step by
+        :func:`~zsharp_algos.two_pass.two_pass_backward` (once with a plain optimizer)."""
         stock = super().training_step
         sharpness = find_sharpness_optimizer(self.optimizer)
         if sharpness is None:
@@ -104,6 +108,8 @@ class TwoPassTrainerMixin:
 
     # -------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """transformers' ``log``; the loss logs gain the ``sharpness/*`` statistics, averaged
+        since the last log and over processes."""
         sharpness = find_sharpness_optimizer(self.optimizer)
         if sharpness is not None and "loss" in logs and sharpness.stats.pending():
             stats = mean_over_processes(self.accelerator, sharpness.stats.pop_tensors())

@@ -87,7 +87,8 @@ class LightningSAM(_LightningAttached, SAM):
     Args:
         model: ``self``, the LightningModule (required).
         sync_first_pass, log_stats: as :class:`~zsharp_algos.lightning.SAMCallback`.
-        other arguments: as :class:`zsharp_algos.SAM`.
+
+    The other arguments are :class:`zsharp_algos.SAM`'s.
     """
 
 
@@ -99,5 +100,6 @@ class LightningZSharp(_LightningAttached, ZSharp):
     Args:
         model: ``self``, the LightningModule (required).
         sync_first_pass, log_stats: as :class:`~zsharp_algos.lightning.ZSharpCallback`.
-        other arguments: as :class:`zsharp_algos.ZSharp`.
+
+    The other arguments are :class:`zsharp_algos.ZSharp`'s.
     """

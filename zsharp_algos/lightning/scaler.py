@@ -55,6 +55,8 @@ class LightningClosureScaler(ClosureGradScaler):
         return scaler
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state dict of this scaler or of ``torch.amp.GradScaler`` (an empty one, saved
+        by a disabled scaler, restores nothing)."""
         if not state:  # saved by a disabled torch.amp.GradScaler: nothing to restore
             return
         if "_growth_tracker" in state and "growth_tracker" not in state:  # saved by torch.amp.GradScaler
