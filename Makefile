@@ -5,6 +5,7 @@
 #   make test-latest - the core on the newest torch available here (.venv-latest, no Composer/timm)
 #   make wheel       - build the wheel into dist/ (install it with pip install dist/zsharp_algos-*.whl)
 #   make bench       - the benchmark set (benchmarks/), JSON + table + PNG chart
+#   make docs        - the documentation site into docs/_build/html (warnings are errors; make test builds it too)
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ TORCH_LATEST ?= 2.14.1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-latest wheel bench clean
+.PHONY: demo test test-latest wheel bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,5 +58,11 @@ wheel: | $(BIN)/python
 bench: $(VENV)/.all-installed
 	$(BIN)/python benchmarks/run_all.py
 
+# Sources: README.md, docs/ and integrations/*/README.md (docs/conf.py); the API pages come from
+# the docstrings. tests/test_docs.py builds the site with the same flags.
+docs: $(VENV)/.all-installed
+	$(BIN)/python -m sphinx -W --keep-going -n -q -b html -c docs . docs/_build/html
+	@echo "open docs/_build/html/docs/index.html"
+
 clean:
-	rm -rf $(VENV) $(LATEST) results dist build
+	rm -rf $(VENV) $(LATEST) results dist build docs/_build

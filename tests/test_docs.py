@@ -36,11 +36,10 @@ How blocks run:
 * Blocks whose (shrunk) commands are the same as an earlier block's are run once.
 * The jobs run two at a time (the machine's two cores), each test waiting for its own.
 
-The API reference section of README.md is checked against the code: every documented name
-imports, and each documented signature has the code's argument names and defaults (both ways,
-unless the signature starts with ``...``: then only the documented ones; a default written
-``...`` is not compared); ``- `.member` ``
-bullets must exist on the class. Local links in every file must point at existing files.
+Local links in every file must point at existing files. The documentation site is built as
+``make docs`` builds it (Sphinx, warnings as errors): the API reference is generated from the
+docstrings, so the test checks that every public name has an entry there, that every Markdown file
+above is a page of the site, and that the tables generated from the code are in their pages.
 
 Deselect with ``-m "not docs"``.
 """
@@ -422,7 +421,7 @@ def test_not_run_commands_name_existing_files(block: Block):
 def test_every_block_is_seen():
     """The parser finds the blocks (a broken fence would hide them all)."""
     readme = [b for b in ALL_BLOCKS if b.path.name == "README.md" and b.path.parent == ROOT]
-    assert len(readme) >= 10
+    assert len(readme) >= 6
     assert all(b.kind == "python" for b in ALL_BLOCKS if b.continued)
 
 
@@ -438,224 +437,68 @@ def test_local_links_exist(path: Path):
         assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to {target}, which does not exist"
 
 
-# --------------------------------------------------------------------------- the API reference
-@dataclass
-class Entry:
-    name: str  # dotted import path
-    signature: str | None
-    members: list[str]
-    line: int
+# --------------------------------------------------------------------------- the site
+#: The modules whose ``__all__`` is the public API; each name must be documented in the site.
+PUBLIC_MODULES = ["zsharp_algos", "zsharp_algos.two_pass", "zsharp_algos.hf", "zsharp_algos.composer",
+                  "zsharp_algos.accelerate_loop", "zsharp_algos.lightning"]
 
 
-def api_entries() -> list[Entry]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## API reference", 1)[1].split("\n## ", 1)[0]
-    offset = text[: text.index("\n## API reference")].count("\n") + 1
-    entries: list[Entry] = []
-    for i, line in enumerate(section.splitlines()):
-        m = re.match(r"^####\s+`([\w.]+)`\s*$", line)
-        if m:
-            entries.append(Entry(m.group(1), None, [], offset + i + 1))
-            continue
-        if not entries:
-            continue
-        entry = entries[-1]
-        short = entry.name.rsplit(".", 1)[1]
-        if entry.signature is None and not entry.members and line.startswith(f"`{short}("):
-            entry.signature = line[1:].split("`", 1)[0]
-        if line.startswith("- "):
-            head = line.split("`:", 1)[0] + "`"  # the code spans before the description
-            entry.members += [name + args for name, args in re.findall(r"`\.(\w+)(\([^`]*\))?`", head)]
-    return entries
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """``make docs``'s build (warnings as errors, nitpicky) into a temporary folder: its HTML."""
+    for module in ("sphinx", "myst_parser", "furo", "composer", "transformers", "accelerate", "lightning"):
+        pytest.importorskip(module, reason=f"the documentation build needs {module} (the docs and all extras)")
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", *SPHINX_FLAGS, "-d", str(out / "doctrees"), "-c", "docs", ".", str(out / "html")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, f"sphinx-build failed:\n{done.stdout[-3000:]}\n{done.stderr[-8000:]}"
+    return out / "html"
 
 
-API = api_entries()
+#: ``make docs``'s flags (the Makefile passes the same): warnings are errors, all of them reported,
+#: every cross-reference must resolve.
+SPHINX_FLAGS = ["-W", "--keep-going", "-n", "-q", "-b", "html"]
 
 
-def _import(dotted: str):
-    for prefix, framework in FRAMEWORK_OF.items():
-        if prefix.startswith("zsharp_algos.") and (dotted == prefix or dotted.startswith(prefix + ".")):
-            if importlib.util.find_spec(framework) is None:
-                pytest.skip(f"{prefix} needs {framework}")
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:cut])
-        framework = FRAMEWORK_OF.get(module_name)
-        if framework and importlib.util.find_spec(framework) is None:
-            pytest.skip(f"{module_name} needs {framework}")
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-                continue
-            raise
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
+def test_make_docs_uses_the_tested_flags():
+    makefile = (ROOT / "Makefile").read_text()
+    assert " ".join(SPHINX_FLAGS[:3]) in makefile and "-c docs" in makefile
 
 
-KEYWORD_ONLY_DOCUMENTED: set[tuple[str, str]] = set()
-
-
-def _documented(signature: str) -> tuple[dict[str, object], bool, bool]:
-    """Documented arguments -> default (``inspect.Parameter.empty`` when none), whether the
-    signature is partial (starts with ``...``), whether it has ``**kwargs``."""
-    inner = signature[signature.index("(") + 1 : signature.rindex(")")].strip()
-    partial = inner.startswith("...")
-    if partial:
-        inner = inner[3:].lstrip(", ")
-    fn = ast.parse(f"def f({inner}): pass").body[0].args
-    out: dict[str, object] = {}
-    positional = fn.posonlyargs + fn.args
-    defaults = [inspect.Parameter.empty] * (len(positional) - len(fn.defaults)) + list(fn.defaults)
-    for a, d in zip(positional, defaults):
-        out[a.arg] = d
-    for a, d in zip(fn.kwonlyargs, fn.kw_defaults):
-        out[a.arg] = inspect.Parameter.empty if d is None else d
-        KEYWORD_ONLY_DOCUMENTED.add((signature, a.arg))
-    for name, value in list(out.items()):
-        if isinstance(value, ast.AST):
-            try:
-                out[name] = ast.literal_eval(value)
-            except ValueError:
-                out[name] = ast.unparse(value)
-    return out, partial, fn.kwarg is not None
-
-
-KINDS: dict[tuple[int, str], object] = {}
-
-
-def _actual(obj) -> tuple[dict[str, object], set[str], dict[str, object]]:
-    """The code's arguments -> default, for a function or a class: its ``__init__`` and, while it
-    forwards ``**kwargs``, its bases' within this package; the names the class's own ``__init__``
-    takes; and the sharpness options it takes as keyword arguments (``obj.options``, or every
-    option of :mod:`zsharp_algos.options` where ``**kwargs`` reach no signature that names them,
-    as in the callbacks that pass them on to an optimizer)."""
-    targets = [obj]
-    declared = inspect.isclass(obj) and any("__signature__" in vars(c) for c in obj.__mro__)
-    if inspect.isclass(obj) and not hasattr(obj, "__dataclass_fields__") and not declared:
-        inits = [vars(c)["__init__"] for c in obj.__mro__
-                 if "__init__" in vars(c) and c.__module__.startswith("zsharp_algos")]
-        targets = inits or [obj]
-    params: dict[str, object] = {}
-    own: set[str] = set()
-    forwards = False
-    for i, target in enumerate(targets):
-        forwards = False
-        try:
-            signature = inspect.signature(target)
-        except ValueError:  # a builtin's (Exception subclasses without an __init__ of their own)
-            break
-        for p in signature.parameters.values():
-            if p.name == "self" or p.kind is p.VAR_POSITIONAL:
-                continue
-            if p.kind is p.VAR_KEYWORD:
-                forwards = True
-                continue
-            params.setdefault(p.name, p.default)
-            KINDS.setdefault((id(obj), p.name), p.kind)
-            if i == 0:
-                own.add(p.name)
-        if not forwards:
-            break
-    options = {}
-    if inspect.isclass(obj):
-        table = getattr(obj, "options", None)
-        if not isinstance(table, (tuple, list)):
-            table = getattr(getattr(obj, "optimizer_cls", None), "options", ())
-        options = {o.name: o.default for o in table}
-    if forwards and not options:
-        from zsharp_algos.options import OPTIONS
-
-        options = {name: o.default for name, o in OPTIONS.items()}
-        return params, own, {**options, "__open__": True}
-    return params, own, options
-
-
-def _same(a, b) -> bool:
-    if isinstance(b, str) and not isinstance(a, str):
-        if getattr(a, "__name__", None) == b.rsplit(".", 1)[-1]:  # a class or function, by name
-            return True
-        if hasattr(a, "value"):  # str enums
-            a = a.value
-    return a == b or (isinstance(a, float) and isinstance(b, (int, float)) and float(b) == a)
-
-
-@pytest.mark.parametrize("entry", API, ids=[e.name for e in API])
-def test_api_reference_matches_code(entry: Entry):
-    obj = _import(entry.name)
-    for member in entry.members:
-        name = member.split("(")[0]
-        assert hasattr(obj, name) or name in getattr(obj, "__dataclass_fields__", {}) or (
-            inspect.isclass(obj) and name in inspect.signature(obj).parameters
-        ) or _instance_attribute(obj, name), f"README line {entry.line}: {entry.name} has no member {name!r}"
-        if "(" in member and callable(getattr(obj, name, None)):
-            documented, _, _ = _documented(name + member[len(name):])
-            actual = inspect.signature(getattr(obj, name)).parameters
-            actual_names = [p for p in actual if p != "self" and actual[p].kind not in (inspect.Parameter.VAR_KEYWORD,
-                                                                                         inspect.Parameter.VAR_POSITIONAL)]
-            assert list(documented) == actual_names, f"README line {entry.line}: {entry.name}.{name}{member[len(name):]}"
-    if entry.signature is None:
-        return
-    documented, partial, documented_kwargs = _documented(entry.signature)
-    actual, own, options = _actual(obj)
-    for name, default in documented.items():
-        if name in actual:
-            have = actual[name]
-        elif name in options:
-            have = options[name]
-        else:
-            pytest.fail(f"README line {entry.line}: {entry.name} documents {name!r}, the code has no such argument "
-                        f"(it has {sorted(actual) + sorted(options)})")
-        kind = KINDS.get((id(obj), name))
-        if kind is not None:
-            keyword_only = (entry.signature, name) in KEYWORD_ONLY_DOCUMENTED
-            assert keyword_only == (kind is inspect.Parameter.KEYWORD_ONLY), (
-                f"README line {entry.line}: {entry.name}: {name!r} is "
-                f"{'keyword-only' if kind is inspect.Parameter.KEYWORD_ONLY else 'positional'} in the code")
-        # a documented default of ``...`` is one the prose explains (it depends on the environment)
-        if default is not inspect.Parameter.empty and default is not Ellipsis and have is not inspect.Parameter.empty:
-            assert _same(have, default), f"README line {entry.line}: {entry.name}({name}=...) is {have!r} in the code, {default!r} in the README"
-    if not partial:
-        # options need not be listed where the entry says they pass through (``**options``)
-        listed = [] if options.get("__open__") or documented_kwargs else [n for n in options if n != "__open__"]
-        own = [n for n in own if not (documented_kwargs and n in options)]
-        undocumented = list(dict.fromkeys(n for n in [*own, *listed] if n not in documented))
-        assert not undocumented, f"README line {entry.line}: {entry.name} does not document {undocumented}"
-
-
-def _instance_attribute(cls, name: str) -> bool:
-    """Whether ``__init__`` of ``cls`` (or a base in this package) assigns ``self.<name>``."""
-    if not inspect.isclass(cls):
-        return False
-    for c in cls.__mro__:
-        if c.__module__.startswith("zsharp_algos") and "__init__" in vars(c):
-            try:
-                source = inspect.getsource(c.__init__)
-            except (OSError, TypeError):
-                continue
-            if re.search(rf"self\.{name}\s*(:[^=]*)?=", source):
-                return True
-    return False
-
-
-def test_api_reference_covers_the_public_names():
-    """Every name in ``__all__`` of the public modules has an entry."""
-    documented = {e.name for e in API}
-    modules = ["zsharp_algos", "zsharp_algos.two_pass", "zsharp_algos.hf", "zsharp_algos.composer",
-               "zsharp_algos.accelerate_loop", "zsharp_algos.lightning"]
+def test_site_documents_every_public_name(site: Path):
+    """The API pages are generated from the docstrings: every name of the public modules'
+    ``__all__`` has its own entry (an anchor with its dotted name), and every page of the README's
+    reading list was built."""
+    anchors = set()
+    for page in (site / "docs" / "api").glob("*.html"):
+        anchors |= set(re.findall(r'id="([\w.]+)"', page.read_text()))
     missing = []
-    for module_name in modules:
-        framework = FRAMEWORK_OF.get(module_name)
-        if framework and importlib.util.find_spec(framework) is None:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name == module_name:
-                continue  # not written yet
-            raise
-        public = [n for n in getattr(module, "__all__", []) if not n.isupper() and not n.startswith("_")]
-        missing += [f"{module_name}.{n}" for n in public if f"{module_name}.{n}" not in documented]
-    assert not missing, f"not in the README's API reference: {missing}"
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        missing += [f"{module_name}.{n}" for n in module.__all__ if f"{module_name}.{n}" not in anchors]
+    assert not missing, f"not in the generated API reference: {missing}"
+    for path in DOCS:
+        built = site / path.relative_to(ROOT).with_suffix(".html")
+        assert built.exists(), f"{path.relative_to(ROOT)} is not a page of the site"
+
+
+def test_generated_tables_follow_the_code(site: Path):
+    """The options, optimizers and refusals tables are built from the code, not copied."""
+    from zsharp_algos.capabilities import ENTRY_POINTS
+    from zsharp_algos.options import OPTIONS
+    from zsharp_algos.registry import SHARPNESS_OPTIMIZERS
+
+    methods = (site / "docs" / "methods.html").read_text()
+    for name, option in OPTIONS.items():
+        assert f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{name}</span></code>" in methods, name
+    for name in SHARPNESS_OPTIMIZERS:
+        assert f"<span class=\"pre\">{name}</span>" in methods, name
+    support = (site / "docs" / "support.html").read_text()
+    for entry in ENTRY_POINTS.values():
+        assert entry.label.split()[0] in support, entry.label
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300

@@ -4,7 +4,7 @@ One implementation and one namespace (``sharpness/*``) for every entry point: th
 (``opt.stats``), Composer, Hugging Face, Accelerate and Lightning. Recorded by the engine on
 perturbed (micro-)batches from what the step computes anyway (the direction's norms, its mask,
 the coefficients that scale it), so recording them costs a few operations on 0-dim tensors, not
-passes over the gradients:
+passes over the gradients (ZSharp's count of kept entries excepted: one pass over ``d``):
 
 * ``sharpness/grad_norm``: ``||g||`` of the first-pass gradient over the perturbed tensors (for
   SAM the norm that scales ``e``; ZSharp has it from the per-tensor statistics of its filter);
@@ -12,11 +12,12 @@ passes over the gradients:
   direction's norms (``rho`` for SAM and the global scope; about ``rho * sqrt(#filtered
   tensors)`` for ZSharp's ``scope="tensor"``; ASAM's is measured);
 * ``sharpness/perturbed_fraction``: the share of the perturbed tensors' entries the direction
-  keeps: 1 for SAM and its variants, the share ZSharp's mask keeps, about
-  ``1 - percentile/100``. Far from that where many gradient entries tie, typically exact zeros:
-  timm initialises the last BatchNorm of each residual block to zero, so early in training
-  most entries of those blocks' gradients are 0, their ``|z|`` all equal, and a threshold that falls
-  among those ties keeps them all (``|z| >= threshold``), though ``e`` moves none of them;
+  keeps: 1 for SAM and its variants (they filter nothing); for ZSharp the share of entries its
+  filtered direction leaves nonzero (a count over ``d``, which ZSharp has just written), about
+  ``1 - percentile/100``. Far below that where many gradient entries are exact zeros: timm
+  initialises the last BatchNorm of each residual block to zero, so early in training most
+  entries of those blocks' gradients are 0; a threshold may keep them (their ``|z|`` all tie),
+  but ``e`` moves none of them and they are not counted;
 * ``sharpness/loss_gap``: ``L(w + e) - L(w)`` from the two passes, the usual estimate of sharpness,
   per optimizer step (summed over micro-batches), in the units of the loss the trainer logs.
 
