@@ -198,7 +198,25 @@ def test_main_end_to_end(tmp_path, capsys, demo_deps):
     assert set(run["epochs"][0]) >= {"train_loss", "test_loss", "test_acc"}
     summary = results["summary"]
     assert summary["sgd"]["step_time_ratio"] == pytest.approx(1.0)
+    assert summary["sgd"]["step_cpu_time_ratio"] == pytest.approx(1.0)
     assert 0.0 <= summary["zsharp"]["test_acc_mean"] <= 1.0
+    # on the CPU the table has the CPU-time column, the title says "1 seed", a line says the load
+    assert "CPU time/step vs sgd" in printed and "40% label noise, 1 seed: final epoch\n" in printed
+    assert "machine load:" in printed
+    assert run["step_cpu_time_s"] > 0 and len(run["load_average"]) == 2
+
+
+def test_report_title_caption_and_load_note():
+    from zsharp_algos.demo import report
+
+    assert report.title("resnet18", "digits", 0.4, 1) == "resnet18 on digits, 40% label noise, 1 seed"
+    assert report.title("resnet18", "digits", 0.4, 3).endswith("3 seeds")
+    assert "memorised" in report.caption(0.4, ["sgd", "zsharp"]) and "SGD's" in report.caption(0.4, ["sgd"])
+    assert report.caption(0.0, ["sgd"]) == ""
+    runs = [{"load_average": [0.1, 0.4]}]
+    assert "idle enough" in report.load_note(runs, 2)
+    assert "was loaded" in report.load_note([{"load_average": [3.5, 4.0]}], 2)
+    assert "not reported" in report.load_note([{"load_average": [None, None]}], 2)
 
 
 def test_main_is_reproducible(tmp_path, demo_deps):

@@ -331,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = report.title(args.model, args.data, args.label_noise, len(args.seeds))
     report.plot_curves(runs, args.optimizers, out / "curves.png", title=title,
                        caption=report.caption(args.label_noise, args.optimizers))
-    spread = "mean ± std over seeds" if len(args.seeds) > 1 else "one seed"
-    print(f"\n{title}: final epoch, {spread}\n{report.format_table(summary, cpu_time=device.type == 'cpu')}")
+    spread = ", mean ± std over seeds" if len(args.seeds) > 1 else ""  # the title says "1 seed"
+    print(f"\n{title}: final epoch{spread}\n{report.format_table(summary, cpu_time=device.type == 'cpu')}")
     print(report.load_note(runs, os.cpu_count()))
     print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
     return 0
