@@ -132,6 +132,10 @@ def optimizer_only(base_model, device, methods, rounds, warmup):
         "ours_zsharp": lambda ps, base: Ours(ZSharp(base, rho=0.05)),
         "quantile_zsharp": lambda ps, base: QuantileZSharp(ps, base),
         "ours_zsharp_tensor": lambda ps, base: Ours(ZSharp(base, rho=0.05, scope="tensor")),
+        # the variants, against our SAM: what each adds to the optimizer's work
+        "ours_friendlysam": lambda ps, base: Ours(FriendlySAM(base, rho=0.05)),
+        "ours_gsam": lambda ps, base: Ours(GSAM(base, rho=0.05)),
+        "ours_gcsam": lambda ps, base: Ours(GCSAM(base, rho=0.05)),
     }
     units, failures = {}, {}
     for name, make in makers.items():
