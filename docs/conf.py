@@ -74,11 +74,6 @@ nitpick_ignore_regex = [
     # Composer's classes as the annotations and docstrings of zsharp_algos.composer name them
     (r"py:.*", r"(Event|State|Logger|Trace)(\..*)?"),
 ]
-# References into zsharp_algos that do not resolve, each with why. They are in modules being changed
-# elsewhere at the time of writing; fix the docstring there and drop the entry.
-nitpick_ignore = [
-    ("py:class", "zsharp_algos.segments.Block"),  # a return annotation; Block is not in segments.__all__
-]
 
 html_theme = "furo"
 html_title = f"zsharp-algos {release}"

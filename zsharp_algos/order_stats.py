@@ -51,6 +51,8 @@ __all__ = [
 #: Query row meaning "all segments together" rather than one segment.
 GLOBAL = -1
 
+#: The selection strategies :func:`strategy` takes: ``"auto"`` (by the device), ``"cpu"`` (reads small
+#: results on the host), ``"accelerator"`` (fixed-shape, no host sync).
 STRATEGIES = ("auto", "cpu", "accelerator")
 _STRATEGY: contextvars.ContextVar[str] = contextvars.ContextVar("zsharp_filter_strategy", default="auto")
 

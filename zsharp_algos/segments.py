@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._tensors import flat_view
 
-__all__ = ["Layout", "Workspace", "layout_for", "row_length"]
+__all__ = ["Layout", "Block", "Workspace", "layout_for", "row_length"]
 
 #: Row lengths tried, longest first (a longer row: fewer rows to index, more tail entries).
 ROW_LENGTHS = (1024, 512, 256, 128, 64)
@@ -150,6 +150,8 @@ def _cached_layout(sizes: tuple[int, ...], row: int, device: torch.device) -> La
 
 
 def layout_for(sizes: Sequence[int], device: torch.device) -> Layout:
+    """The :class:`Layout` of segments of ``sizes`` entries on ``device``, made once per
+    distinct set of sizes (the step reuses it, with its constants)."""
     sizes = tuple(int(s) for s in sizes)
     return _cached_layout(sizes, row_length(sizes), torch.device(device))
 
@@ -167,6 +169,7 @@ class Block:
     T: Tensor | None = None  # tail view of flat
 
     def fill(self) -> None:
+        """Copy the pieces' current values into ``flat``."""
         if len(self.pieces) == 1:
             self.flat.copy_(self.pieces[0])
         else:
@@ -177,6 +180,7 @@ class Block:
         return per_entry[..., self.rows[0] : self.rows[1]].unsqueeze(-1)
 
     def tail_part(self, per_entry: Tensor, R: int) -> Tensor:
+        """The tail entries' slice of a ``(..., R + T)`` per-entry tensor (``R`` rows)."""
         return per_entry[..., R + self.tails[0] : R + self.tails[1]]
 
 

@@ -106,19 +106,8 @@ class RefusalsTable(_TableDirective):
         return _table(["entry point", "passes a sharpness step", "runs", "precision", "refuses"], rows)
 
 
-#: Public objects known to lack a docstring, reported at every build (not as a warning) until
-#: their module gets one: the modules under change elsewhere are left alone here.
-KNOWN_WITHOUT_DOCSTRING = {
-    "zsharp_algos.segments.layout_for",
-    "zsharp_algos.order_stats.STRATEGIES",
-}
-
-
 def _missing(name: str, what: str) -> None:
-    if name in KNOWN_WITHOUT_DOCSTRING:
-        logger.info("%s %s has no docstring (known: docs/_ext/zsharp_docs.py KNOWN_WITHOUT_DOCSTRING)", what, name)
-    else:
-        logger.warning("%s %s has no docstring", what, name, type="zsharp", subtype="docstring")
+    logger.warning("%s %s has no docstring", what, name, type="zsharp", subtype="docstring")
 
 
 def _public_names(module) -> list[str]:
