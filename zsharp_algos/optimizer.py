@@ -46,7 +46,7 @@ from .options import (
     keywords_of,
 )
 from .rules import FirstPassGradients, FriendlyMomentum, GSAMUpdate, LookSAMReuse, OwnState
-from .variants import VARIANTS, check_combination, first_pass_state, transform_for
+from .variants import VARIANTS, check_combination, transform_for
 
 __all__ = ["SharpnessAwareOptimizer", "SAM", "ZSharp", "FriendlySAM", "GSAM", "GCSAM", "SkipStep"]
 
@@ -247,10 +247,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         rule steps with it, LookSAM's ``g_v``, and ranks that used their own would drift apart).
         Integrations that skip the first pass's all-reduce (Composer, Lightning, the HF Trainer,
         accelerate) run it synchronised then."""
-        return any(
-            g[RHO_KEY] > 0 and (first_pass_state(g) or any(r.keeps_first_gradient and r.applies(g) for r in self.rules))
-            for g in self.param_groups
-        )
+        return any(g[RHO_KEY] > 0 and self._has_rule(g) for g in self.param_groups)
+
+    def _has_rule(self, group: dict) -> bool:
+        """Whether a rule applies to ``group``: every rule steps with, or keeps state from, the
+        first pass's gradient."""
+        return any(r.applies(group) for r in self.rules)
+
+    def _rule_groups(self, rule) -> list[dict]:
+        """The param groups ``rule`` applies to that are ever perturbed (``rho > 0``)."""
+        return [g for g in self.param_groups if rule.applies(g) and g[RHO_KEY] > 0]
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None):
@@ -378,7 +384,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _keep_first_gradients(self, step: int, accumulate: bool) -> None:
         """Keep ``g`` of the groups due at ``step`` whose rule steps with it (before the
         direction overwrites it); micro-batches of one step add up."""
-        keep = [g for g in self.engine.groups_due(step) if any(r.keeps_first_gradient and r.applies(g) for r in self.rules)]
+        keep = [g for g in self.engine.groups_due(step) if self._has_rule(g)]
         params = [p for g in keep for p in g["params"] if p.grad is not None]
         if params:
             self.first_gradients.keep(
@@ -425,7 +431,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Each rule's state entries for the tensors of its perturbed groups (``rho > 0``), where
         they are still missing (:meth:`zsharp_algos.rules.Rule.init_state`)."""
         for rule in self.rules:
-            groups = [g for g in self.param_groups if rule.applies(g) and g[RHO_KEY] > 0]
+            groups = self._rule_groups(rule)
             if groups:
                 rule.init_state(groups, state)
 
@@ -433,13 +439,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Each rule (:mod:`zsharp_algos.rules`) on its groups: after the sharpness step where
         the group was perturbed, on the plain step otherwise."""
         for rule in self.rules:
-            groups = [g for g in self.param_groups if rule.applies(g) and g[RHO_KEY] > 0]  # rho 0: never perturbed
+            groups = self._rule_groups(rule)
             if not groups:
                 continue
-            sharp = [g for g in groups if perturbed and group_due(g, step)]
+            due = [perturbed and group_due(g, step) for g in groups]
+            sharp = [g for g, d in zip(groups, due) if d]
             if sharp:
                 rule.after_sharpness_step(sharp, state, self.first_gradients)
-            plain = [g for g in groups if not any(g is s for s in sharp)]
+            plain = [g for g, d in zip(groups, due) if not d]
             if plain:
                 rule.plain_step(plain, state)
 

@@ -40,6 +40,7 @@ from .options import KEY_PREFIX, OPTIONS
 from .order_stats import reads_host
 from .placement import WorkBuffer
 from .sharding import Shards, local, shards_of
+from .stats import squared_norm
 
 __all__ = [
     "OwnState", "FirstPassGradients", "decompose", "squared_norms", "add_scaled", "Rule", "FriendlyMomentum",
@@ -128,18 +129,9 @@ class FirstPassGradients:
 
 
 def squared_norms(*lists: Sequence[Tensor], shards: Shards | None = None) -> Tensor:
-    """``[||l||^2 for l in lists]`` (a 1-D float32 tensor; float64 if any tensor is), each
+    """``[||l||^2 for l in lists]`` (1-D: :func:`zsharp_algos.stats.squared_norm` of each), each
     over all its tensors, completed across ``shards`` in one collective."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for ts in lists for t in ts) else torch.float32
-    device = next(t.device for ts in lists for t in ts)
-    out = []
-    for ts in lists:
-        total = torch.zeros((), dtype=dtype, device=device)
-        for _, (group,) in group_by_device_dtype(ts):
-            norms = torch._foreach_norm(group, 2, dtype=dtype)
-            total = total + torch.stack(norms).to(device).square().sum()
-        out.append(total)
-    sq = torch.stack(out)
+    sq = torch.stack([squared_norm(ts) for ts in lists])
     return sq if shards is None else shards.sum_(sq)
 
 
@@ -183,7 +175,6 @@ class Rule:
     (where those groups were perturbed) and on a plain step. Its per-group weight is the option
     ``weight`` names (``reuse_alpha``, ``lmbda``, ``alpha``)."""
 
-    keeps_first_gradient = True  # every rule here steps with the first pass's gradient
     weight: str = ""
 
     @staticmethod
@@ -253,7 +244,8 @@ class FriendlyMomentum(Rule):
         new = [state.create(tensors[i][0], FRIENDLY_KEY) for i in fresh]
         for _, (ms, gs) in group_by_device_dtype(new, [g[i] for i in fresh]):
             torch._foreach_copy_(ms, gs)
-        old = [i for i in range(len(tensors)) if i not in set(fresh)]
+        made = set(fresh)
+        old = [i for i in range(len(tensors)) if i not in made]
         for lmbda, mine in self._by_weight(tensors, old):
             ms = [local(state[tensors[i][0]][FRIENDLY_KEY]) for i in mine]
             for _, (m, gs) in group_by_device_dtype(ms, [g[i] for i in mine]):

@@ -41,7 +41,9 @@ perturbation; ``adaptive=True`` is ASAM's scaling for any of them.
 
 State kept from the first pass (FriendlySAM's ``m``, the ``g`` that GSAM and LookSAM step with)
 must be the same on every data-parallel rank for a resumed run to continue as the uninterrupted
-one: :func:`first_pass_state` tells the integrations to all-reduce the first pass then.
+one: a group that has a rule (:mod:`zsharp_algos.rules`) makes
+:attr:`~zsharp_algos.SharpnessAwareOptimizer.first_pass_must_sync` true, and the integrations
+all-reduce the first pass then.
 """
 from __future__ import annotations
 
@@ -57,20 +59,19 @@ from .rules import FRIENDLY_KEY
 from .sharding import local
 
 __all__ = ["VARIANTS", "Variant", "Transform", "FriendlyTransform", "CentredTransform", "StateView",
-           "transform_for", "first_pass_state", "check_combination"]
+           "transform_for", "check_combination"]
 
 VARIANT, REUSE = OPTIONS["variant"].key, OPTIONS["reuse"].key
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A variant's record: its options (besides ``variant``) and what it needs."""
+    """A variant's record: its options (besides ``variant``). What it keeps from the first pass
+    is its rule's (:mod:`zsharp_algos.rules`)."""
 
     name: str
     summary: str
     options: tuple[str, ...] = ()  # the options it reads
-    first_pass_state: bool = False  # keeps state from the first pass's gradient
-    update_rule: bool = False  # steps with both passes' gradients (a rule after the second pass)
 
 
 #: Every variant's record by its ``variant`` value.
@@ -79,17 +80,12 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("none", "the direction's own gradient"),
         Variant("friendly", "FriendlySAM: g - sigma * m, m an EMA of past first-pass gradients",
-                ("sigma", "lmbda"), first_pass_state=True),
+                ("sigma", "lmbda")),
         Variant("gsam", "GSAM: perturb as the direction, step with g_s - alpha * g_perp",
-                ("alpha",), first_pass_state=True, update_rule=True),
+                ("alpha",)),
         Variant("gcsam", "GCSAM: the gradient centred per output channel"),
     )
 }
-
-
-def first_pass_state(group: Mapping) -> bool:
-    """Whether ``group``'s variant keeps state from the first pass's gradient."""
-    return VARIANTS[group.get(VARIANT, "none")].first_pass_state
 
 
 def check_combination(group: Mapping, where: str) -> None:
